@@ -1,0 +1,149 @@
+"""GPT-2 causal-LM pretraining.
+
+    python -m jaxft.train --config configs/gpt2.py[:VARIANT] --workdir runs/gpt2 \
+        [--config.FIELD=VALUE ...]
+
+Variants: default (CPU demo on the embedded Shakespeare, minutes on 2 cores), tiny (tests),
+cpu-bench (the shape benchmarked against transformers on CPU), 124m, 350m, 774m, 1.5b (GPT-2's
+published shapes with a GPT-2/nanoGPT-style pretraining recipe; bring your own corpus with
+--config.data.files).
+"""
+
+import ml_collections
+
+# GPT-2's published shapes: (n_layer, n_embd, n_head).
+_SHAPES = {
+    "124m": (12, 768, 12),
+    "350m": (24, 1024, 16),
+    "774m": (36, 1280, 20),
+    "1.5b": (48, 1600, 25),
+}
+VARIANTS = ("default", "tiny", "cpu-bench", *_SHAPES)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "causal_lm"  # which head/loss/eval the train loop uses (jaxft/tasks.py)
+  c.seed = 0  # params init, dropout and data order all derive from it
+  c.init_from = ""  # a local HF GPT-2 directory (config.json + weights) to start from
+
+  c.model = ml_collections.ConfigDict()
+  c.model.family = "gpt2"
+  c.model.vocab_size = 50257
+  c.model.n_positions = 1024  # size of the learned position table; >= seq_len
+  c.model.n_layer = 12
+  c.model.n_embd = 768
+  c.model.n_head = 12
+  c.model.embd_pdrop = 0.1
+  c.model.attn_pdrop = 0.1
+  c.model.resid_pdrop = 0.1
+  c.model.layer_norm_epsilon = 1e-5
+  c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
+  c.model.remat = "none"  # "none" | "full" | "dots": trade recompute for activation memory
+
+  c.data = ml_collections.ConfigDict()
+  c.data.files = ""  # glob(s) of .txt / .jsonl training files; "" = embedded Shakespeare
+  c.data.validation_files = ""  # glob(s); "" = embedded split, or a held-out fraction of files
+  c.data.text_field = "text"  # the text field of .jsonl records
+  c.data.validation_fraction = 0.05  # documents held out when validation_files is ""
+  c.data.chunk_chars = 8000  # long documents are cut into chunks this long so shuffling mixes
+  c.data.tokenizer = ""  # "" = GPT-2 byte-level BPE (offline); or a HF tokenizer directory
+  c.data.data_dir = ""  # where the TFDS builder writes; "" = $JAXFT_DATA_DIR or ~/.cache/jaxft
+  c.data.shuffle_seed = 0  # per-epoch shuffle seed of the training documents
+  c.data.num_workers = 0  # grain worker processes; 0 = in the training process
+
+  c.seq_len = 1024  # tokens per training row
+  c.batch_size = 512  # global batch (rows) per optimizer step, across all devices and hosts
+  c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
+  c.num_steps = 600_000
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 6e-4  # peak learning rate after warmup
+  c.optim.warmup_steps = 2000  # linear warmup from 0
+  c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at num_steps
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1  # decoupled (AdamW); applied to matmul kernels only by default
+  c.optim.decay_embeddings = False  # also decay wte/wpe
+  c.optim.decay_norms_and_biases = False  # also decay LayerNorm params and biases
+  c.optim.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+
+  # Device mesh: product of sizes = number of devices; -1 = whatever is left.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # Logical axis -> mesh axes. Parameters: vocab, embed, heads, kv, mlp. Activations: batch,
+  # length, act_*. The one place where sharding is decided.
+  c.axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+      ("kv", None),
+      ("length", None),
+      ("act_embed", None),
+      ("act_heads", "tensor"),
+      ("act_mlp", "tensor"),
+      ("act_vocab", "tensor"),
+  )
+
+  c.log_every = 10  # steps between metric writes
+  c.eval_every = 500  # steps between validation passes (and at the end)
+  c.eval_batches = 50  # cap on validation batches per pass; 0 = the whole split
+  c.checkpoint_every = 1000  # steps between checkpoints (and at the end)
+  c.keep_checkpoints = 3  # newest checkpoints kept on disk
+  c.halt_on_nonfinite = True  # stop at a NaN/inf loss and keep the last good checkpoint
+
+  c.sample = ml_collections.ConfigDict()  # generations printed at the end of training
+  c.sample.prompts = ("ROMEO:", "First Citizen:")
+  c.sample.max_new_tokens = 60
+  c.sample.temperature = 0.8
+  c.sample.top_k = 40
+  return c
+
+
+def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+  variant = variant or "default"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of configs/gpt2.py; choose one of "
+                     f"{', '.join(VARIANTS)} (e.g. --config configs/gpt2.py:tiny)")
+  c = base_config()
+  c.variant = variant
+  if variant in _SHAPES:
+    c.model.n_layer, c.model.n_embd, c.model.n_head = _SHAPES[variant]
+    if variant != "124m":  # nanoGPT/GPT-3-style: larger models, lower peak lr
+      c.optim.lr = {"350m": 3e-4, "774m": 2.5e-4, "1.5b": 2e-4}[variant]
+  elif variant == "default":
+    # CPU demo: a small GPT on Shakespeare that trains in minutes on 2 cores.
+    c.model.update(n_layer=4, n_embd=128, n_head=4, n_positions=256,
+                   embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    c.seq_len = 128
+    c.batch_size = 16
+    c.num_steps = 600
+    c.optim.update(lr=2e-3, warmup_steps=50, weight_decay=0.1)
+    c.log_every = 10
+    c.eval_every = 200
+    c.eval_batches = 20
+    c.checkpoint_every = 200
+  elif variant == "tiny":
+    c.model.update(vocab_size=50257, n_layer=2, n_embd=32, n_head=2, n_positions=64)
+    c.seq_len = 32
+    c.batch_size = 8
+    c.num_steps = 6
+    c.optim.update(lr=1e-3, warmup_steps=2)
+    c.log_every = 1
+    c.eval_every = 3
+    c.eval_batches = 2
+    c.checkpoint_every = 3
+    c.sample.max_new_tokens = 8
+  elif variant == "cpu-bench":
+    c.model.update(n_layer=4, n_embd=256, n_head=4, vocab_size=50257, n_positions=1024,
+                   embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, dtype="float32")
+    c.seq_len = 256
+    c.batch_size = 8
+    c.num_steps = 100
+    c.optim.update(warmup_steps=10)
+  return c

@@ -1,0 +1,1 @@
+"""Model families: backbones return hidden states, heads own logits and losses."""

@@ -1,0 +1,226 @@
+"""GPT-2 in flax.linen, architecturally identical to Hugging Face's GPT2LMHeadModel.
+
+Learned absolute positions, pre-LayerNorm blocks, tanh-approximated GELU ("gelu_new"), a LM head
+tied to the token embedding, and GPT-2's three dropouts (embedding, attention probabilities,
+residual). q/k/v are separate [embed, heads, head_dim] kernels instead of HF's packed c_attn so
+that tensor parallelism shards whole heads; `jaxft.hf` splits and packs them on conversion.
+
+Every parameter carries logical axis names (see `configs/*.py` for the rules that map them to
+the mesh). With `decode=True` the attention keeps a KV cache in the "cache" collection: the same
+code path serves prefill (T > 1) and single-token decoding (T = 1).
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+  vocab_size: int = 50257
+  n_positions: int = 1024
+  n_embd: int = 768
+  n_layer: int = 12
+  n_head: int = 12
+  embd_pdrop: float = 0.1
+  attn_pdrop: float = 0.1
+  resid_pdrop: float = 0.1
+  layer_norm_epsilon: float = 1e-5
+  initializer_range: float = 0.02
+  dtype: Dtype = jnp.float32  # compute dtype of matmuls; params stay in param_dtype
+  param_dtype: Dtype = jnp.float32
+  remat: str = "none"  # "none" | "full" | "dots": rematerialise each block in the backward pass
+
+  @property
+  def head_dim(self) -> int:
+    return self.n_embd // self.n_head
+
+
+def _dense_init(cfg: GPT2Config, scale: float = 1.0):
+  return nn.initializers.normal(stddev=cfg.initializer_range * scale)
+
+
+def _partitioned(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with logical axis names; statistics in float32 whatever the compute dtype."""
+
+  cfg: GPT2Config
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    scale = self.param("scale", _partitioned(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), cfg.param_dtype)
+    bias = self.param("bias", _partitioned(nn.initializers.zeros, ("embed",)),
+                      (x.shape[-1],), cfg.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + cfg.layer_norm_epsilon)
+    return (y * scale + bias).astype(cfg.dtype)
+
+
+class Attention(nn.Module):
+  cfg: GPT2Config
+
+  @nn.compact
+  def __call__(self, x, segment_ids, *, deterministic: bool, decode: bool):
+    cfg = self.cfg
+    dense = lambda name: nn.DenseGeneral(  # noqa: E731
+        (cfg.n_head, cfg.head_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+        kernel_init=_partitioned(_dense_init(cfg), ("embed", "heads", "kv")),
+        bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")))
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # [B, T, H, Dh]
+    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "kv"))
+
+    if decode:
+      k, v, key_valid, query_slot, key_slot = self._update_cache(k, v, segment_ids)
+      mask = (key_slot[None, None, :] <= query_slot[:, :, None]) & key_valid[:, None, :]
+    else:
+      t = x.shape[1]
+      causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+      same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+      mask = causal & same_segment  # [B, Tq, Tk]
+
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic).astype(cfg.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, T, H, Dh]
+    out = nn.DenseGeneral(
+        cfg.n_embd, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="out",
+        kernel_init=_partitioned(_dense_init(cfg, (2 * cfg.n_layer) ** -0.5),
+                                 ("heads", "kv", "embed")),
+        bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(out)
+    return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+
+  def _update_cache(self, k, v, segment_ids):
+    """Writes this call's keys/values at the cache cursor; returns the whole cache and masks.
+
+    The cache is sized at init time (the length of the dummy input given to `model.init` with
+    decode=True). Padding tokens (segment id 0, e.g. left-padded prompts) are marked invalid so
+    that no later query attends to them.
+    """
+    b, t, h, d = k.shape
+    is_init = not self.has_variable("cache", "key")
+    cached_k = self.variable("cache", "key", jnp.zeros, (b, t, h, d), k.dtype)
+    cached_v = self.variable("cache", "value", jnp.zeros, (b, t, h, d), v.dtype)
+    valid = self.variable("cache", "valid", jnp.zeros, (b, t), bool)
+    index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+    max_len = cached_k.value.shape[1]
+    if is_init:
+      return k, v, segment_ids != 0, jnp.arange(t), jnp.arange(t)
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+    valid.value = jax.lax.dynamic_update_slice(valid.value, segment_ids != 0, (0, i))
+    index.value = i + t
+    return cached_k.value, cached_v.value, valid.value, i + jnp.arange(t), jnp.arange(max_len)
+
+
+class MLP(nn.Module):
+  cfg: GPT2Config
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.cfg
+    h = nn.Dense(4 * cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc",
+                 kernel_init=_partitioned(_dense_init(cfg), ("embed", "mlp")),
+                 bias_init=_partitioned(nn.initializers.zeros, ("mlp",)))(x)
+    h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+    h = jax.nn.gelu(h, approximate=True)  # HF "gelu_new"
+    h = nn.Dense(cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="proj",
+                 kernel_init=_partitioned(_dense_init(cfg, (2 * cfg.n_layer) ** -0.5),
+                                          ("mlp", "embed")),
+                 bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(h)
+    return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  cfg: GPT2Config
+
+  @nn.compact
+  # Positional flags so that nn.remat can mark them static (argnums count self as 0).
+  def __call__(self, x, segment_ids, deterministic: bool, decode: bool):
+    x = x + Attention(self.cfg, name="attn")(LayerNorm(self.cfg, name="ln_1")(x), segment_ids,
+                                             deterministic=deterministic, decode=decode)
+    x = x + MLP(self.cfg, name="mlp")(LayerNorm(self.cfg, name="ln_2")(x),
+                                      deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class GPT2Model(nn.Module):
+  """The backbone: token ids -> final hidden states [B, T, D] (after ln_f)."""
+
+  cfg: GPT2Config
+
+  def setup(self):
+    cfg = self.cfg
+    self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        embedding_init=_partitioned(_dense_init(cfg), ("vocab", "embed")))
+    self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype,
+                        embedding_init=_partitioned(nn.initializers.normal(0.01),
+                                                    (None, "embed")))
+    block = Block
+    if cfg.remat != "none":
+      if cfg.remat not in _REMAT_POLICIES:
+        raise ValueError(f"config.model.remat={cfg.remat!r} is unknown; use one of "
+                         f"{['none', *_REMAT_POLICIES]}")
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(3, 4))
+    self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+    self.ln_f = LayerNorm(cfg)
+    self.drop = nn.Dropout(cfg.embd_pdrop)
+
+  def __call__(self, tokens, positions, segment_ids=None, *, deterministic: bool = True,
+               decode: bool = False):
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    x = self.wte(tokens) + self.wpe(positions)
+    x = self.drop(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    for block in self.h:
+      x = block(x, segment_ids, deterministic, decode)
+    return self.ln_f(x)
+
+  def logits(self, hidden):
+    """Tied LM head: hidden [B, T, D] @ wte.T -> [B, T, V]."""
+    logits = self.wte.attend(hidden)
+    return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+
+
+class GPT2LMHeadModel(nn.Module):
+  """Backbone + tied LM head. `__call__` returns logits; `hidden` skips the head."""
+
+  cfg: GPT2Config
+
+  def setup(self):
+    self.transformer = GPT2Model(self.cfg)
+
+  def __call__(self, tokens, positions, segment_ids=None, *, deterministic: bool = True,
+               decode: bool = False):
+    return self.transformer.logits(self.hidden(tokens, positions, segment_ids,
+                                               deterministic=deterministic, decode=decode))
+
+  def hidden(self, tokens, positions, segment_ids=None, *, deterministic: bool = True,
+             decode: bool = False):
+    return self.transformer(tokens, positions, segment_ids, deterministic=deterministic,
+                            decode=decode)
+
+  def embedding(self):
+    """The tied [V, D] token embedding, for losses that fuse the LM head (see heads.py)."""
+    return self.transformer.wte.embedding

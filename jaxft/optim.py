@@ -1,0 +1,44 @@
+"""The optax chain: warmup + cosine schedule, AdamW with a weight-decay mask, clipping."""
+
+import re
+
+import jax
+import optax
+
+
+def lr_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to lr, then cosine decay to lr * min_lr_ratio at num_steps."""
+  warmup = min(int(optim_cfg.warmup_steps), max(num_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
+      decay_steps=max(num_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)
+
+
+_EMBEDDING = re.compile(r"(^|/)(wte|wpe|embedding|word_embeddings|position_embeddings)(/|$)")
+_NORM_OR_BIAS = re.compile(r"(^|/)(ln_\w+|ln_f|layer_?norm\w*|LayerNorm)(/|$)|(^|/)bias$")
+
+
+def weight_decay_mask(params, optim_cfg):
+  """True where AdamW decays: matmul kernels always; embeddings, norms and biases if asked."""
+
+  def decays(path, _):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if _EMBEDDING.search(name):
+      return bool(optim_cfg.decay_embeddings)
+    if _NORM_OR_BIAS.search(name):
+      return bool(optim_cfg.decay_norms_and_biases)
+    return True
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim_cfg, num_steps: int) -> tuple[optax.GradientTransformation,
+                                                        optax.Schedule]:
+  schedule = lr_schedule(optim_cfg, num_steps)
+  chain = []
+  if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
+  chain.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                           weight_decay=optim_cfg.weight_decay,
+                           mask=lambda p: weight_decay_mask(p, optim_cfg)))
+  return optax.chain(*chain), schedule

@@ -1,0 +1,62 @@
+"""train_step / eval_step: pure functions of (state, batch). They never know the task.
+
+Losses are sums over masked tokens divided by the global token count of the whole step, so
+gradient accumulation over micro-batches gives the full-batch gradient (up to float summation
+order).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxft.state import TrainState
+
+
+def _split_micro(batch, n: int):
+  """[B, ...] -> [n, B/n, ...] taking every n-th row, so each micro-batch keeps rows on every
+  data-parallel shard (a contiguous split would put each micro-batch on a subset of devices)."""
+  def split(x):
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
+  """loss_fn(params, batch, rng, deterministic) -> (loss_sum, aux sums incl. 'tokens')."""
+  grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, False), has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if grad_accum_steps == 1:
+      (loss_sum, aux), grads = grad_fn(state.params, batch, step_key)
+    else:
+      def accumulate(carry, xs):
+        i, micro = xs
+        out = grad_fn(state.params, micro, jax.random.fold_in(step_key, i))
+        return jax.tree.map(jnp.add, carry, out), None
+
+      micro = _split_micro(batch, grad_accum_steps)
+      first = jax.tree.map(lambda x: x[0], micro)
+      abstract = jax.eval_shape(grad_fn, state.params, first, step_key)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+      ((loss_sum, aux), grads), _ = jax.lax.scan(
+          accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+    tokens = jnp.maximum(aux["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
+                                                                              updates),
+                              opt_state=opt_state)
+    metrics = {"loss": loss_sum / tokens, "grad_norm": optax.tree.norm(grads),
+               "lr": schedule(state.step), "tokens": aux["tokens"],
+               "accuracy": aux["correct"] / tokens}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(eval_sums_fn):
+  """eval_sums_fn(params, batch) -> dict of sums; the caller adds them over batches."""
+  def eval_step(params, batch):
+    return eval_sums_fn(params, batch)
+  return eval_step

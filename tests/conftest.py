@@ -1,0 +1,16 @@
+"""Test-wide setup: 8 fake CPU devices (before any JAX op) and parsed absl flags (grain)."""
+
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # so that `configs` imports as a package, like under python -m
+  sys.path.insert(0, ROOT)

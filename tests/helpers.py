@@ -1,0 +1,28 @@
+"""Shared test fixtures: tiny configs and synthetic batches following the batch contract."""
+
+import numpy as np
+
+from configs import gpt2 as gpt2_configs
+
+
+def tiny_config(**model):
+  config = gpt2_configs.get_config("tiny")
+  config.model.update(dict(vocab_size=512, n_layer=2, n_embd=64, n_head=8, n_positions=64,
+                           embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0), **model)
+  config.seq_len = 16
+  config.batch_size = 8
+  return config
+
+
+def random_batch(config, seed=0, batch_size=None):
+  """Packed rows with two segments per row and a few masked targets."""
+  rng = np.random.default_rng(seed)
+  b, t = batch_size or config.batch_size, config.seq_len
+  tokens = rng.integers(0, config.model.vocab_size, size=(b, t + 1), dtype=np.int32)
+  cut = t // 2
+  segment_ids = np.where(np.arange(t) < cut, 1, 2).astype(np.int32)[None].repeat(b, 0)
+  positions = np.where(np.arange(t) < cut, np.arange(t), np.arange(t) - cut).astype(np.int32)
+  loss_mask = np.ones((b, t), np.float32)
+  loss_mask[:, cut - 1] = 0.0  # the target of a segment's last token lies in the next segment
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": loss_mask,
+          "positions": positions[None].repeat(b, 0), "segment_ids": segment_ids}

@@ -1,0 +1,134 @@
+"""The sharded train step: mesh-shape invariance, gradient accumulation, optimizer masks."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from jaxft import optim, sharding, steps, tasks
+from jaxft import state as state_lib
+from tests.helpers import random_batch, tiny_config
+
+
+def run_steps(config, devices, n_steps=2, batch_seed=0):
+  """Losses of n_steps train steps on one fixed batch, and the final params on the host."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  task = tasks.make_task(config)
+  tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
+  state, shardings = state_lib.create_train_state(
+      task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh, axis_rules=config.axis_rules)
+  batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
+  step = jax.jit(steps.make_train_step(task.loss, tx, schedule, config.grad_accum_steps),
+                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+                 donate_argnums=0)
+  batch = sharding.global_batch(random_batch(config, batch_seed), batch_sh)
+  losses = []
+  for _ in range(n_steps):
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  return np.array(losses), jax.device_get(state.params), state
+
+
+def _factorisations(n=8):
+  for d, f in itertools.product([1, 2, 4, 8], repeat=2):
+    if n % (d * f) == 0:
+      yield d, f, n // (d * f)
+
+
+@pytest.fixture(scope="module")
+def reference():
+  config = tiny_config()
+  config.mesh.data = 1
+  return run_steps(config, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("data,fsdp,tensor", list(_factorisations()))
+def test_every_mesh_shape_gives_the_single_device_loss(reference, data, fsdp, tensor):
+  config = tiny_config()
+  config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+  losses, params, state = run_steps(config, jax.devices())
+  np.testing.assert_allclose(losses, reference[0], rtol=0, atol=1e-5)
+  kernel = state.params["transformer"]["h_0"]["mlp"]["fc"]["kernel"]
+  # [embed, mlp] is split fsdp x tensor ways: per-device bytes shrink as FSDP/TP grow.
+  assert kernel.addressable_shards[0].data.size == kernel.size // (fsdp * tensor)
+
+
+def _record_gradient():
+  """An 'optimizer' that keeps the step's final gradient as its state and leaves params alone."""
+  import optax
+  return optax.GradientTransformation(
+      init=lambda params: jax.tree.map(jax.numpy.zeros_like, params),
+      update=lambda grads, _, params=None: (jax.tree.map(jax.numpy.zeros_like, grads), grads))
+
+
+def _gradient(config):
+  mesh = sharding.make_mesh(config.mesh)
+  task = tasks.make_task(config)
+  tx = _record_gradient()
+  state, shardings = state_lib.create_train_state(
+      task, tx, seq_len=config.seq_len, seed=0, mesh=mesh, axis_rules=config.axis_rules)
+  batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
+  step = jax.jit(steps.make_train_step(task.loss, tx, lambda s: 1.0, config.grad_accum_steps),
+                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
+  after, metrics = step(state, sharding.global_batch(random_batch(config, 1), batch_sh))
+  return float(metrics["loss"]), jax.device_get(after.opt_state)
+
+
+def test_grad_accumulation_equals_full_batch():
+  full_cfg = tiny_config()
+  acc_cfg = tiny_config()
+  acc_cfg.grad_accum_steps = 4
+  full_loss, full_grads = _gradient(full_cfg)
+  acc_loss, acc_grads = _gradient(acc_cfg)
+  assert acc_loss == pytest.approx(full_loss, rel=1e-6)
+  for path, a in jax.tree_util.tree_leaves_with_path(acc_grads):
+    b = _at(full_grads, path)
+    # Relative to the tensor's norm: elementwise rtol is meaningless for entries near zero.
+    assert np.linalg.norm(a - b) <= 1e-6 * np.linalg.norm(b) + 1e-12, path
+
+
+def _at(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
+
+
+def test_batch_not_divisible_by_data_parallel_size_names_the_field():
+  config = tiny_config()
+  config.batch_size = 12
+  mesh = sharding.make_mesh(config.mesh)  # data = 8
+  with pytest.raises(ValueError, match=r"config.batch_size=12 .* data-parallel mesh size 8"):
+    sharding.check_batch_divisible(config.batch_size, 1, mesh, config.axis_rules)
+
+
+def test_mesh_that_does_not_match_the_devices():
+  config = tiny_config()
+  config.mesh.update(data=3, fsdp=1, tensor=1)
+  with pytest.raises(ValueError, match=r"config.mesh=.* needs 3 devices but 8 are available"):
+    sharding.make_mesh(config.mesh)
+
+
+def test_weight_decay_mask_skips_embeddings_norms_and_biases():
+  config = tiny_config()
+  task = tasks.make_task(config)
+  from flax import linen as nn
+  params = nn.unbox(task.init(jax.random.key(0), config.seq_len))["params"]
+  mask = optim.weight_decay_mask(params, config.optim)
+  t = mask["transformer"]
+  assert t["h_0"]["mlp"]["fc"]["kernel"] and t["h_1"]["attn"]["query"]["kernel"]
+  assert not t["wte"]["embedding"] and not t["wpe"]["embedding"]
+  assert not t["ln_f"]["scale"] and not t["h_0"]["mlp"]["fc"]["bias"]
+  config.optim.decay_embeddings = True
+  assert optim.weight_decay_mask(params, config.optim)["transformer"]["wte"]["embedding"]
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+  config = tiny_config()
+  config.optim.update(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+  schedule = optim.lr_schedule(config.optim, 110)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(60)) == pytest.approx(0.55, rel=1e-5)  # halfway down the cosine
+  assert float(schedule(110)) == pytest.approx(0.1)
