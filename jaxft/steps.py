@@ -47,7 +47,10 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_ac
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
                                                                               updates),
                               opt_state=opt_state)
+    # update_norm catches a NaN/inf that only the update carries (e.g. from the learning rate)
+    # before a checkpoint of the broken params could be written.
     metrics = {"loss": loss_sum / tokens, "grad_norm": optax.tree.norm(grads),
+               "update_norm": optax.tree.norm(updates),
                "lr": schedule(state.step), "tokens": aux["tokens"],
                "accuracy": aux["correct"] / tokens}
     return new_state, metrics

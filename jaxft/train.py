@@ -7,6 +7,7 @@ the data iterator and the per-step random keys continue exactly where they stopp
 `train_and_evaluate(config, workdir)` is the importable core (Colab, tests).
 """
 
+import json
 import logging
 import math
 import os
@@ -61,7 +62,8 @@ def _host(tree):
 
 def _check_finite(records: list[dict], workdir: str, last_saved: int | None) -> None:
   for r in records:
-    bad = [k for k in ("train/loss", "train/grad_norm") if not math.isfinite(r[k])]
+    bad = [k for k in ("train/loss", "train/grad_norm", "train/update_norm")
+           if not math.isfinite(r[k])]
     if bad:
       kept = (f"the last good checkpoint is step {last_saved} in {workdir}/checkpoints"
               if last_saved is not None else "no checkpoint had been written yet")
@@ -136,30 +138,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metrics.Writer(workdir)
   start = int(jax.device_get(state.step))
   last_saved = latest
-  pending, records = [], []
+  pending = []
   bar = metrics.progress_bar(start, config.num_steps)
-  t_last, tokens_since = time.perf_counter(), 0.0
+  t_last, untimed = time.perf_counter(), 0
   val = {}
 
   def flush(step):
-    nonlocal pending, t_last, tokens_since
+    """Host-side: average the pending step metrics, check them, log them."""
+    nonlocal pending, t_last, untimed
     if not pending:
       return
     host = _host(pending)
     now = time.perf_counter()
-    tokens = float(sum(m["tokens"] for m in host)) + tokens_since
+    _check_finite([{"step": step - len(host) + i + 1,
+                    **{f"train/{k}": float(m[k]) for k in ("loss", "grad_norm", "update_norm")}}
+                   for i, m in enumerate(host)], workdir, last_saved)
     rec = {"step": step, **{f"train/{k}": float(np.mean([m[k] for m in host]))
                             for k in ("loss", "grad_norm", "lr", "accuracy")}}
-    rec["train/tokens_per_s"] = tokens / max(now - t_last, 1e-9)
-    rec["train/mfu"] = rec["train/tokens_per_s"] * flops_tok / (peak * jax.device_count())
-    _check_finite([{"step": step - len(host) + i + 1,
-                    "train/loss": float(m["loss"]), "train/grad_norm": float(m["grad_norm"])}
-                   for i, m in enumerate(host)], workdir, last_saved)
+    timed = host[untimed:]
+    if timed:
+      rec["train/tokens_per_s"] = float(sum(m["tokens"] for m in timed)) / max(now - t_last, 1e-9)
+      rec["train/mfu"] = rec["train/tokens_per_s"] * flops_tok / (peak * jax.device_count())
     writer.write(step, rec)
-    records.append(rec)
     bar.set_postfix(loss=f"{rec['train/loss']:.3f}", lr=f"{rec['train/lr']:.2e}",
-                    tok_s=f"{rec['train/tokens_per_s']:.0f}")
-    pending, t_last, tokens_since = [], now, 0.0
+                    tok_s=f"{rec.get('train/tokens_per_s', 0):.0f}")
+    pending, t_last, untimed = [], now, 0
 
   try:
     for step in range(start, config.num_steps):
@@ -171,17 +174,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step == start:  # the first step includes compilation: keep it out of tokens/s
         jax.block_until_ready(step_metrics)
         log.info("first step (compile + run) took %.1fs", time.perf_counter() - t_last)
-        _check_finite([{"step": done, "train/loss": float(step_metrics["loss"]),
-                        "train/grad_norm": float(step_metrics["grad_norm"])}],
-                      workdir, last_saved)
-        pending, t_last = [], time.perf_counter()
+        t_last, untimed = time.perf_counter(), len(pending)
       is_last = done == config.num_steps
       if done % config.log_every == 0 or is_last:
         flush(done)
       if done % config.eval_every == 0 or is_last:
         val = evaluate(eval_step, state.params, eval_batches, batch_sh, task)
         writer.write(done, {f"val/{k}": v for k, v in val.items()})
-        records.append({"step": done, **{f"val/{k}": v for k, v in val.items()}})
         bar.write(f"step {done}: validation loss {val['loss']:.4f}, "
                   f"perplexity {val['perplexity']:.2f}")
       if done % config.checkpoint_every == 0 or is_last:
@@ -193,8 +192,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
     writer.close()
 
-  if start < config.num_steps or not val:
-    val = val or evaluate(eval_step, state.params, eval_batches, batch_sh, task)
+  if not val:  # nothing left to train (already finished): still report
+    val = evaluate(eval_step, state.params, eval_batches, batch_sh, task)
   _report(config, workdir, task, state.params, val)
   return val
 
@@ -207,7 +206,7 @@ def _truncate_metrics(workdir: str, step: int) -> None:
   path = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(path):
     with open(path, "w") as f:
-      f.writelines(__import__("json").dumps(r) + "\n" for r in kept)
+      f.writelines(json.dumps(r) + "\n" for r in kept)
 
 
 def _report(config, workdir, task, params, val) -> None:

@@ -1,8 +1,12 @@
 """Shared test fixtures: tiny configs and synthetic batches following the batch contract."""
 
+import os
+
 import numpy as np
 
 from configs import gpt2 as gpt2_configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**model):
@@ -26,3 +30,35 @@ def random_batch(config, seed=0, batch_size=None):
   loss_mask[:, cut - 1] = 0.0  # the target of a segment's last token lies in the next segment
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": loss_mask,
           "positions": positions[None].repeat(b, 0), "segment_ids": segment_ids}
+
+
+WORDS = ("the king queen speak lord lady night day love death sword crown castle war peace "
+         "thou thee art hath doth come go fair foul heart blood sleep dream honour").split()
+
+
+def write_corpus(directory, n_docs=24, words_per_doc=300, seed=0):
+  """Small .txt documents of pseudo-English; returns the glob that matches them."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  for i in range(n_docs):
+    lines = []
+    for _ in range(words_per_doc // 10):
+      lines.append(" ".join(rng.choice(WORDS, size=10)).capitalize() + ".")
+    with open(os.path.join(directory, f"doc{i:03d}.txt"), "w") as f:
+      f.write("\n".join(lines) + "\n")
+  return os.path.join(directory, "*.txt")
+
+
+def train_config(tmp_path, **overrides):
+  """The tiny variant on a generated corpus, with its TFDS cache inside tmp_path."""
+  from configs import gpt2 as gpt2_configs
+  config = gpt2_configs.get_config("tiny")
+  config.data.files = write_corpus(str(tmp_path / "corpus"))
+  config.data.data_dir = str(tmp_path / "tfds")
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

@@ -1,0 +1,149 @@
+"""The training loop end to end: outputs, resume after SIGKILL, NaN halt, user errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxft import checkpoint, metrics, optim, train
+from tests.helpers import ROOT, train_config, write_corpus
+
+
+def test_run_writes_everything_a_user_looks_at(tmp_path, capsys):
+  config = train_config(tmp_path, num_steps=6, eval_every=3, checkpoint_every=3)
+  workdir = str(tmp_path / "run")
+  val = train.train_and_evaluate(config, workdir)
+  assert np.isfinite(val["loss"]) and val["perplexity"] == pytest.approx(np.exp(val["loss"]))
+  for name in ("config.json", "run_info.json", "metrics.jsonl", "loss_curve.png"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
+  info = json.load(open(os.path.join(workdir, "run_info.json")))
+  assert info["packages"]["jax"] and info["git_sha"]
+  records = metrics.read_metrics(workdir)
+  assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 7))
+  assert [r["step"] for r in records if "val/loss" in r] == [3, 6]
+  assert all("train/tokens_per_s" in r for r in records if "train/loss" in r and r["step"] > 1)
+  out = capsys.readouterr().out
+  assert "final validation loss" in out and "unigram baseline" in out
+  assert out.count("--- sample ---") == len(config.sample.prompts)
+  saved_config, params = checkpoint.load_params(workdir)
+  assert saved_config.num_steps == 6
+  assert params["transformer"]["wte"]["embedding"].shape == (50257, 32)
+
+
+def _train_cmd(workdir, corpus, tfds_dir, steps):
+  return [sys.executable, "-m", "jaxft.train", "--config", "configs/gpt2.py:tiny",
+          "--workdir", workdir, f"--config.data.files={corpus}",
+          f"--config.data.data_dir={tfds_dir}", f"--config.num_steps={steps}",
+          "--config.seq_len=64", "--config.model.n_positions=64", "--config.model.n_embd=64",
+          "--config.checkpoint_every=10", "--config.log_every=1", "--config.eval_every=1000",
+          "--config.sample.max_new_tokens=0", "--config.model.embd_pdrop=0.1",
+          "--config.model.attn_pdrop=0.1", "--config.model.resid_pdrop=0.1"]
+
+
+def _logged_losses(workdir):
+  return [(r["step"], r["train/loss"]) for r in metrics.read_metrics(workdir)
+          if "train/loss" in r]
+
+
+def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path):
+  """Dropout on, so the per-step keys must replay exactly too."""
+  corpus = write_corpus(str(tmp_path / "corpus"))
+  tfds_dir, steps = str(tmp_path / "tfds"), 60
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
+  straight = str(tmp_path / "straight")
+  subprocess.run(_train_cmd(straight, corpus, tfds_dir, steps), cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+
+  killed = str(tmp_path / "killed")
+  proc = subprocess.Popen(_train_cmd(killed, corpus, tfds_dir, steps), cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    logged = _logged_losses(killed) if os.path.exists(os.path.join(killed, "metrics.jsonl")) \
+        else []
+    if logged and logged[-1][0] >= 25:  # past the step-20 checkpoint, before the end
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert _logged_losses(killed)[-1][0] < steps
+  subprocess.run(_train_cmd(killed, corpus, tfds_dir, steps), cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+
+  assert _logged_losses(killed) == _logged_losses(straight)  # exact floats, every step
+  _, p_straight = checkpoint.load_params(straight)
+  _, p_killed = checkpoint.load_params(killed)
+  import jax
+  for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_killed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nonfinite_loss_halts_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  healthy = optim.lr_schedule
+
+  def breaks_at_step_5(optim_cfg, num_steps):
+    import jax.numpy as jnp
+    base = healthy(optim_cfg, num_steps)
+    return lambda step: jnp.where(step < 4, base(step), jnp.nan)
+
+  monkeypatch.setattr(optim, "lr_schedule", breaks_at_step_5)
+  config = train_config(tmp_path, num_steps=8, checkpoint_every=2, eval_every=100)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"train/update_norm became nan at step 5.*last good checkpoint is "
+                           r"step 4"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint.Checkpointer(workdir, 3).latest_step() == 4
+  _, params = checkpoint.load_params(workdir)
+  import jax
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "jaxft.train", *args], cwd=ROOT,
+                        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_unknown_variant_and_unknown_field_are_named(tmp_path):
+  out = _cli("--config", "configs/gpt2.py:huge", "--workdir", str(tmp_path))
+  assert out.returncode != 0 and "unknown variant 'huge'" in out.stderr
+  assert "tiny" in out.stderr
+  out = _cli("--config", "configs/gpt2.py:tiny", "--workdir", str(tmp_path),
+             "--config.optim.learning_rate=1e-3")
+  assert out.returncode != 0 and "learning_rate" in out.stderr
+
+
+def test_missing_data_files_are_named(tmp_path):
+  config = train_config(tmp_path)
+  config.data.files = str(tmp_path / "nowhere" / "*.txt")
+  with pytest.raises(Exception, match=r"config\.data\.files"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_empty_data_files_are_named(tmp_path):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "a.txt").write_text("")
+  config = train_config(tmp_path)
+  config.data.files = str(tmp_path / "empty" / "*.txt")
+  with pytest.raises(Exception, match=r"empty|no text"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_missing_init_from_directory_is_named(tmp_path):
+  config = train_config(tmp_path, init_from=str(tmp_path / "no_such_model"))
+  with pytest.raises(Exception, match=r"init_from"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_batch_that_does_not_divide_over_the_mesh(tmp_path):
+  config = train_config(tmp_path, batch_size=12)  # 8 fake devices
+  with pytest.raises(ValueError, match=r"config.batch_size=12"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
