@@ -73,7 +73,7 @@ def load_params(workdir: str, step: int | None = None):
 
   config = load_config(workdir)
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet under {directory}")

@@ -56,6 +56,17 @@ def _has_tokenizer(path: str) -> bool:
   return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json"))
 
 
+def _check_vocab(config) -> None:
+  from jaxft.data.tokenizer import load_tokenizer
+
+  tok = load_tokenizer(config.data.tokenizer or None)
+  if tok.vocab_size > config.model.vocab_size:
+    raise ValueError(f"the tokenizer ({config.data.tokenizer or 'GPT-2 BPE'}) has "
+                     f"{tok.vocab_size} tokens but config.model.vocab_size="
+                     f"{config.model.vocab_size}: raise config.model.vocab_size to at least "
+                     f"{tok.vocab_size} or use the model's own tokenizer")
+
+
 def _host(tree):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
@@ -102,6 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        global_batch_size=config.batch_size,
                                        max_batches=config.eval_batches or None, **proc)
 
+  _check_vocab(config)
   init_params = None
   if latest is None and config.init_from:
     from jaxft import hf
@@ -179,14 +191,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if done % config.log_every == 0 or is_last:
         flush(done)
       if done % config.eval_every == 0 or is_last:
+        flush(done)
         val = evaluate(eval_step, state.params, eval_batches, batch_sh, task)
         writer.write(done, {f"val/{k}": v for k, v in val.items()})
         bar.write(f"step {done}: validation loss {val['loss']:.4f}, "
                   f"perplexity {val['perplexity']:.2f}")
+        t_last = time.perf_counter()  # evaluation time is not training throughput
       if done % config.checkpoint_every == 0 or is_last:
         flush(done)  # never save past a non-finite loss
         ckpt.save(done, state, train_iter, {"step": done, "val": val})
         last_saved = done
+        t_last = time.perf_counter()
   finally:
     bar.close()
     ckpt.close()
@@ -194,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   if not val:  # nothing left to train (already finished): still report
     val = evaluate(eval_step, state.params, eval_batches, batch_sh, task)
-  _report(config, workdir, task, state.params, val)
+  _report(config, workdir, task, state.params, val, eval_batches)
   return val
 
 
@@ -209,12 +224,12 @@ def _truncate_metrics(workdir: str, step: int) -> None:
       f.writelines(json.dumps(r) + "\n" for r in kept)
 
 
-def _report(config, workdir, task, params, val) -> None:
+def _report(config, workdir, task, params, val, eval_batches) -> None:
   """End of run: loss curve, validation vs the unigram baseline, sample generations."""
   if jax.process_index() != 0:
     return
   png = metrics.plot_loss_curve(workdir, metrics.read_metrics(workdir))
-  unigram = pipeline.unigram_cross_entropy(config.data)
+  unigram = pipeline.unigram_cross_entropy(config.data, eval_batches)
   print(f"final validation loss {val['loss']:.4f} nats/token (perplexity "
         f"{val['perplexity']:.1f}); unigram baseline fitted on the training split: "
         f"{unigram:.4f} nats/token")

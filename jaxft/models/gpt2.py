@@ -83,7 +83,7 @@ class Attention(nn.Module):
 
     if decode:
       k, v, key_valid, query_slot, key_slot = self._update_cache(k, v, segment_ids)
-      mask = (key_slot[None, None, :] <= query_slot[:, :, None]) & key_valid[:, None, :]
+      mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & key_valid[:, None, :]
     else:
       t = x.shape[1]
       causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
@@ -110,9 +110,9 @@ class Attention(nn.Module):
     that no later query attends to them.
     """
     b, t, h, d = k.shape
-    is_init = not self.has_variable("cache", "key")
-    cached_k = self.variable("cache", "key", jnp.zeros, (b, t, h, d), k.dtype)
-    cached_v = self.variable("cache", "value", jnp.zeros, (b, t, h, d), v.dtype)
+    is_init = not self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, t, h, d), k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, t, h, d), v.dtype)
     valid = self.variable("cache", "valid", jnp.zeros, (b, t), bool)
     index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
     max_len = cached_k.value.shape[1]

