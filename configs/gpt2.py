@@ -120,14 +120,16 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     # CPU demo: a small GPT on Shakespeare that trains in minutes on 2 cores.
     c.model.update(n_layer=4, n_embd=128, n_head=4, n_positions=256,
                    embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    # ~1,650 tokens/s on 2 cores (the 50257-way LM head is most of the FLOPs): 300 steps of
+    # 16 x 128 tokens is ~6 minutes of training, one pass over a seventh of the corpus.
     c.seq_len = 128
     c.batch_size = 16
-    c.num_steps = 600
-    c.optim.update(lr=2e-3, warmup_steps=50, weight_decay=0.1)
+    c.num_steps = 300
+    c.optim.update(lr=2e-3, warmup_steps=30, weight_decay=0.1)
     c.log_every = 10
-    c.eval_every = 200
+    c.eval_every = 100
     c.eval_batches = 20
-    c.checkpoint_every = 200
+    c.checkpoint_every = 100
   elif variant == "tiny":
     c.model.update(vocab_size=50257, n_layer=2, n_embd=32, n_head=2, n_positions=64)
     c.seq_len = 32

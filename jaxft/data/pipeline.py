@@ -9,7 +9,8 @@ Batch contract (every task yields these; arrays are [rows, seq_len]):
 
 Each document starts with EOS (GPT-2's document separator), so the model learns to begin a
 text from EOS; later chunks of a long document continue without one. Rows are
-concatenate-then-split: no padding in training, every token is used.
+concatenate-then-split with an overlap of one token (a row's last target is the next row's first
+input): no padding in training, and every token but a chunk's first is a target exactly once.
 
 Training order is a seeded shuffle of the chunks, reshuffled every epoch, so it depends only on
 (corpus, seed) — never on the number of processes or devices: every process builds the same
@@ -122,6 +123,10 @@ class _PackedRowsIterator(grain.DatasetIterator):
       self._offset += take
     if filled == 0:
       raise StopIteration
+    if filled == self._row_len:
+      # The next row starts with this row's last token (overlap of one), so every token is a
+      # target exactly once: the row's last target is the next row's first input.
+      self._offset -= 1
     return tokens, segments
 
   def get_state(self):

@@ -1,0 +1,38 @@
+"""Exports a jaxft training directory as a Hugging Face model directory.
+
+    python -m jaxft.export --workdir runs/gpt2 --out runs/gpt2/hf [--step N]
+
+The output (config.json, model.safetensors, tokenizer files) loads with
+transformers.GPT2LMHeadModel.from_pretrained(out) and AutoTokenizer.from_pretrained(out).
+"""
+
+import os
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "jaxft training directory to export")
+_OUT = flags.DEFINE_string("out", None, "output directory (created; existing files replaced)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+
+
+def export(workdir: str, out: str, step: int | None = None) -> str:
+  from jaxft import checkpoint, hf
+  from jaxft.data.tokenizer import load_tokenizer
+  from jaxft.models.registry import build_model
+
+  config, params = checkpoint.load_params(workdir, step)
+  _, model_cfg = build_model(config.model)
+  hf.save_hf(out, params, model_cfg, load_tokenizer(config.data.get("tokenizer") or None))
+  return os.path.abspath(out)
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value or not _OUT.value:
+    raise app.UsageError("give --workdir (a jaxft training directory) and --out (where the "
+                         "Hugging Face model directory goes)")
+  print(f"wrote {export(_WORKDIR.value, _OUT.value, _STEP.value)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
