@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.seq_len = 1024  # tokens per training row
   c.batch_size = 512  # global batch (rows) per optimizer step, across all devices and hosts
+  # The LM head and softmax run over chunks of this many positions, with their gradient fused
+  # into the forward pass, so the [B, T, V] logits never exist whole; 0 = plain full logits.
+  c.lm_loss_chunk = 32
   c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
   c.num_steps = 600_000
 

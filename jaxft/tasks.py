@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxft.models.lm_loss import lm_head_cross_entropy
 from jaxft.models.registry import build_model
 
 
@@ -25,6 +26,7 @@ class CausalLM:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.model, self.model_cfg = build_model(config.model)
+    self.loss_chunk = config.get("lm_loss_chunk", 0)
     if config.seq_len > self.model_cfg.n_positions:
       raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.n_positions="
                        f"{self.model_cfg.n_positions}; lower seq_len or raise n_positions")
@@ -34,15 +36,22 @@ class CausalLM:
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     return self.model.init(rng, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))
 
-  def _forward(self, params, batch, rng, deterministic):
+  def _forward(self, params, batch, rng, deterministic, method="__call__"):
     return self.model.apply(
         {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-        deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
+        deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
+        method=method)
 
   def loss(self, params, batch, rng, deterministic: bool = False):
     """(sum of masked token losses, aux sums). The step divides by the global token count."""
-    logits = self._forward(params, batch, rng, deterministic)
     mask = batch["loss_mask"].astype(jnp.float32)
+    if self.loss_chunk:  # fused LM head + softmax over sequence chunks (jaxft/models/lm_loss.py)
+      hidden = self._forward(params, batch, rng, deterministic, method="hidden")
+      embedding = self.model.apply({"params": params}, method="embedding")
+      loss_sum, correct = lm_head_cross_entropy(hidden, embedding, batch["targets"], mask,
+                                                chunk=self.loss_chunk)
+      return loss_sum, {"tokens": jnp.sum(mask), "correct": correct}
+    logits = self._forward(params, batch, rng, deterministic)
     losses = token_cross_entropy(logits, batch["targets"])
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     return jnp.sum(losses * mask), {"tokens": jnp.sum(mask), "correct": jnp.sum(correct * mask)}
