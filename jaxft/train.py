@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from flax import linen as nn
 from ml_collections import config_flags
 
@@ -251,7 +252,10 @@ def _report(config, workdir, task, params, val, eval_batches) -> None:
 
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # Our progress at INFO; the libraries' (orbax, TFDS, grain) INFO chatter only with -v 0.
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  log.setLevel(logging.INFO)
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required (where checkpoints and logs go)")
   try:

@@ -155,12 +155,12 @@ def test_iterator_state_resumes_exactly_and_processes_split_the_global_batch(tmp
 def test_eval_batches_are_padded_and_cover_the_split(tmp_path):
   write_corpus(str(tmp_path / "c"), n_docs=10, words_per_doc=100)
   cfg = _data_cfg(tmp_path, files=str(tmp_path / "c" / "*.txt"), validation_fraction=0.3)
-  batches = pipeline.eval_batches(cfg, seq_len=32, global_batch_size=4)
-  again = pipeline.eval_batches(cfg, seq_len=32, global_batch_size=4)
+  batches = pipeline.eval_batches(cfg, seq_len=32, global_batch_size=5)
+  again = pipeline.eval_batches(cfg, seq_len=32, global_batch_size=5)
   for a, b in zip(batches, again):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
-  assert all(b["inputs"].shape == (4, 32) for b in batches)
+  assert all(b["inputs"].shape == (5, 32) for b in batches)
   last = batches[-1]
   pad = last["segment_ids"] == 0
   assert pad.any() and (last["loss_mask"][pad] == 0).all()
@@ -170,7 +170,7 @@ def test_eval_batches_are_padded_and_cover_the_split(tmp_path):
   n_tokens = sum(len(tok.encode(r["text"].decode())) + int(r["is_doc_start"]) - 1
                  for r in source)
   assert sum(b["loss_mask"].sum() for b in batches) == n_tokens
-  assert len(pipeline.eval_batches(cfg, seq_len=32, global_batch_size=4, max_batches=1)) == 1
+  assert len(pipeline.eval_batches(cfg, seq_len=32, global_batch_size=5, max_batches=1)) == 1
 
 
 def test_unigram_baseline_by_hand(tmp_path):
