@@ -50,7 +50,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # "" = GPT-2 byte-level BPE (offline); or a HF tokenizer directory
   c.data.data_dir = ""  # where the TFDS builder writes; "" = $JAXFT_DATA_DIR or ~/.cache/jaxft
   c.data.shuffle_seed = 0  # per-epoch shuffle seed of the training documents
-  c.data.num_workers = 0  # grain worker processes; 0 = in the training process
 
   c.seq_len = 1024  # tokens per training row
   c.batch_size = 512  # global batch (rows) per optimizer step, across all devices and hosts

@@ -15,7 +15,6 @@ of a prompt changes what the model is conditioned on, so the user should choose.
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -178,10 +177,6 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
-def _has_tokenizer(path: str) -> bool:
-  return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json"))
-
-
 def load_from_workdir(workdir: str, step: int | None = None):
   """(model, params, tokenizer) of a jaxft training directory's checkpoint."""
   from jaxft import checkpoint
@@ -197,7 +192,7 @@ def load_from_hf(path: str):
   """(model, params, tokenizer) of a Hugging Face GPT-2 directory, on configs/gpt2.py's base."""
   from configs import gpt2 as gpt2_configs
   from jaxft import hf
-  from jaxft.data.tokenizer import load_tokenizer
+  from jaxft.data.tokenizer import has_tokenizer, load_tokenizer
   from jaxft.models.registry import build_model
 
   config = gpt2_configs.base_config()
@@ -206,7 +201,7 @@ def load_from_hf(path: str):
   dummy = jnp.zeros((1, 1), jnp.int32)
   expected = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), dummy, dummy))["params"])
   params = hf.load_hf_params(path, expected)
-  return model, params, load_tokenizer(path if _has_tokenizer(path) else None)
+  return model, params, load_tokenizer(path if has_tokenizer(path) else None)
 
 
 def _read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:

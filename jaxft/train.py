@@ -41,6 +41,7 @@ def apply_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   if not config.init_from:
     return config
   from jaxft import hf
+  from jaxft.data.tokenizer import has_tokenizer
 
   overrides = hf.model_overrides(hf.read_hf_config(config.init_from))
   changed = {k: (config.model[k], v) for k, v in overrides.items() if config.model[k] != v}
@@ -48,13 +49,9 @@ def apply_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     log.info("init_from %s sets config.model fields: %s", config.init_from, changed)
   with config.unlocked():
     config.model.update(overrides)
-    if not config.data.tokenizer and _has_tokenizer(config.init_from):
+    if not config.data.tokenizer and has_tokenizer(config.init_from):
       config.data.tokenizer = config.init_from
   return config
-
-
-def _has_tokenizer(path: str) -> bool:
-  return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json"))
 
 
 def _check_vocab(config) -> None:

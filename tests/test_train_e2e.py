@@ -15,7 +15,8 @@ from tests.helpers import ROOT, train_config, write_corpus
 
 
 def test_run_writes_everything_a_user_looks_at(tmp_path, capsys):
-  config = train_config(tmp_path, num_steps=6, eval_every=3, checkpoint_every=3)
+  config = train_config(tmp_path, num_steps=6, eval_every=3, checkpoint_every=2,
+                        keep_checkpoints=2)
   workdir = str(tmp_path / "run")
   val = train.train_and_evaluate(config, workdir)
   assert np.isfinite(val["loss"]) and val["perplexity"] == pytest.approx(np.exp(val["loss"]))
@@ -31,6 +32,7 @@ def test_run_writes_everything_a_user_looks_at(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "final validation loss" in out and "unigram baseline" in out
   assert out.count("--- sample ---") == len(config.sample.prompts)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # keep-N
   saved_config, params = checkpoint.load_params(workdir)
   assert saved_config.num_steps == 6
   assert params["transformer"]["wte"]["embedding"].shape == (50257, 32)

@@ -166,8 +166,6 @@ def train_iterator(data_cfg, *, seq_len: int, global_batch_size: int, seed: int,
         .to_iter_dataset())
   ds = PackedRows(ds, seq_len + 1).batch(global_batch_size, drop_remainder=True,
                                          batch_fn=functools.partial(_to_batch, keep=keep))
-  if data_cfg.get("num_workers", 0) > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   return iter(ds)
 
 

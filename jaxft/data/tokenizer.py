@@ -101,6 +101,11 @@ def _eos_token_of(path: str) -> str:
   return GPT2_EOS
 
 
+def has_tokenizer(path: str) -> bool:
+  """Whether a (HF model) directory carries tokenizer files load_tokenizer can read."""
+  return any(os.path.exists(os.path.join(path, f)) for f in (_TOKENIZER_JSON, _VOCAB_JSON))
+
+
 def load_tokenizer(path: str | None = None) -> Tokenizer:
   """`path` None/"" = GPT-2's BPE; else a HF directory with tokenizer.json or vocab.json+merges."""
   if not path:
