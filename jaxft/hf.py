@@ -42,19 +42,22 @@ class Row:
   hf: str
   jaxft: tuple[str, ...]
   merge: tuple[tuple[int, ...], ...] | None = None
+  transpose: bool = False  # HF nn.Linear (out, in) weights: transposed before merging axes
 
   def hf_shape(self, jaxft_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     parts = [self._hf_part_shape(s) for s in jaxft_shapes]
-    return (*parts[0][:-1], sum(p[-1] for p in parts))
+    shape = (*parts[0][:-1], sum(p[-1] for p in parts))
+    return shape[::-1] if self.transpose else shape
 
   def to_jaxft(self, tensor: np.ndarray, jaxft_shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     # The merged axes are consecutive and in order, so splitting then reshaping is exact.
-    parts = np.split(tensor, len(self.jaxft), axis=-1)
+    parts = np.split(tensor.T if self.transpose else tensor, len(self.jaxft), axis=-1)
     return [np.ascontiguousarray(p.reshape(s)) for p, s in zip(parts, jaxft_shapes)]
 
   def to_hf(self, leaves: list[np.ndarray]) -> np.ndarray:
     parts = [x.reshape(self._hf_part_shape(x.shape)) for x in leaves]
-    return np.ascontiguousarray(np.concatenate(parts, axis=-1))
+    out = np.concatenate(parts, axis=-1)
+    return np.ascontiguousarray(out.T if self.transpose else out)
 
   def _hf_part_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
     if self.merge is None:
@@ -95,6 +98,35 @@ def _gpt2_table(n_layer: int) -> list[Row]:
       Row("ln_f.bias", (f"{t}/ln_f/bias",)),
   ]
   return rows
+
+
+def bert_table(n_layer: int, prefix: str = "") -> list[Row]:
+  """HF BertModel <-> jaxft BertModel. `prefix` is where the backbone sits in both trees
+  ("bert" inside BertFor* heads); HF nn.Linear weights are (out, in), hence the transposes."""
+  hf_p = f"{prefix}." if prefix else ""
+  jx = f"{prefix}/" if prefix else ""
+  ln = lambda hf, j: [Row(f"{hf}.weight", (f"{j}/scale",)),  # noqa: E731
+                      Row(f"{hf}.bias", (f"{j}/bias",))]
+  linear = lambda hf, j, merge=None: [  # noqa: E731
+      Row(f"{hf}.weight", (f"{j}/kernel",), merge=merge, transpose=True),
+      Row(f"{hf}.bias", (f"{j}/bias",), merge=None if merge is None else ((0, 1),))]
+  rows = [Row("embeddings.word_embeddings.weight", ("word/embedding",)),
+          Row("embeddings.position_embeddings.weight", ("position/embedding",)),
+          Row("embeddings.token_type_embeddings.weight", ("token_type/embedding",)),
+          *ln("embeddings.LayerNorm", "ln_embed")]
+  for i in range(n_layer):
+    h, j = f"encoder.layer.{i}", f"layer_{i}"
+    for name in ("query", "key", "value"):  # [embed, heads, head_dim] <- [embed, embed]
+      rows += linear(f"{h}.attention.self.{name}", f"{j}/attn/{name}", ((0,), (1, 2)))
+    rows += [Row(f"{h}.attention.output.dense.weight", (f"{j}/attn/out/kernel",),
+                 merge=((0, 1), (2,)), transpose=True),  # [heads, head_dim, embed]
+             Row(f"{h}.attention.output.dense.bias", (f"{j}/attn/out/bias",)),
+             *ln(f"{h}.attention.output.LayerNorm", f"{j}/attn/ln"),
+             *linear(f"{h}.intermediate.dense", f"{j}/fc"),
+             *linear(f"{h}.output.dense", f"{j}/proj"),
+             *ln(f"{h}.output.LayerNorm", f"{j}/ln")]
+  rows += linear("pooler.dense", "pooler")
+  return [Row(hf_p + r.hf, tuple(jx + p for p in r.jaxft), r.merge, r.transpose) for r in rows]
 
 
 # HF names that are not parameters jaxft keeps: the causal-mask buffers older GPT-2 saves carry,
@@ -253,6 +285,37 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
                           f"{TORCH_FILE} (nor a sharded *.index.json of either)")
 
 
+def _fill(table: list[Row], tensors: dict[str, np.ndarray], want: dict, path: str,
+          family: str) -> dict[str, np.ndarray]:
+  """Every table row's HF tensor, shape-checked, converted into jaxft leaves of `want`."""
+  missing = [r.hf for r in table if r.hf not in tensors]
+  if missing:
+    raise ValueError(f"{path} lacks {len(missing)} {family} tensor(s): {', '.join(missing[:8])}"
+                     f"{' ...' if len(missing) > 8 else ''} (it has {len(tensors)} tensors; "
+                     f"is it a {family} checkpoint with the layer count of its config.json?)")
+  leaves: dict[str, np.ndarray] = {}
+  for row in table:
+    shapes = [tuple(want[p].shape) for p in row.jaxft]
+    tensor = tensors[row.hf]
+    if tuple(tensor.shape) != row.hf_shape(shapes):
+      raise ValueError(f"HF tensor {row.hf!r} in {path} has shape {tuple(tensor.shape)} but the "
+                       f"jaxft model expects {row.hf_shape(shapes)} (for {', '.join(row.jaxft)}); "
+                       "the weights do not match the config the model was built from")
+    for p, x in zip(row.jaxft, row.to_jaxft(tensor, shapes)):
+      leaves[p] = x.astype(want[p].dtype)
+  unfilled = set(want) - set(leaves)
+  if unfilled:  # a jaxft parameter the table does not cover: a bug here, not the user's
+    raise RuntimeError(f"no HF tensor maps to jaxft params {sorted(unfilled)}")
+  return leaves
+
+
+def _warn_unused(tensors, used, path, family, ignored=()):
+  extra = [k for k in tensors if k not in used and not k.endswith(ignored)]
+  if extra:
+    log.warning("ignoring %d tensor(s) of %s that %s does not use: %s", len(extra), path,
+                family, ", ".join(extra[:8]))
+
+
 def load_hf_params(path: str, expected: Mapping) -> dict:
   """HF GPT-2 weights in directory `path` -> a numpy param tree shaped like `expected`.
 
@@ -264,34 +327,24 @@ def load_hf_params(path: str, expected: Mapping) -> dict:
   tensors = {k.removeprefix(_GPT2_PREFIX): v for k, v in tensors.items()}
   want = dict(_flatten(expected))
   table = _TABLES["gpt2"](_n_layer(want))
-
-  missing = [r.hf for r in table if r.hf not in tensors]
-  if missing:
-    raise ValueError(f"{path} lacks {len(missing)} GPT-2 tensor(s): {', '.join(missing[:8])}"
-                     f"{' ...' if len(missing) > 8 else ''} (it has {len(tensors)} tensors; "
-                     "is it a GPT-2 checkpoint with the n_layer of its config.json?)")
-  leaves: dict[str, np.ndarray] = {}
-  for row in table:
-    shapes = [tuple(want[p].shape) for p in row.jaxft]
-    tensor = tensors[row.hf]
-    if tuple(tensor.shape) != row.hf_shape(shapes):
-      raise ValueError(f"HF tensor {row.hf!r} in {path} has shape {tuple(tensor.shape)} but the "
-                       f"jaxft model expects {row.hf_shape(shapes)} (for {', '.join(row.jaxft)}); "
-                       "the weights do not match the config the model was built from")
-    for p, x in zip(row.jaxft, row.to_jaxft(tensor, shapes)):
-      leaves[p] = x.astype(want[p].dtype)
-
+  leaves = _fill(table, tensors, want, path, "GPT-2")
   if _TIED_HEAD in tensors and not np.array_equal(tensors[_TIED_HEAD], tensors["wte.weight"]):
     raise ValueError(f"{path} has an lm_head.weight that differs from wte.weight; jaxft's GPT-2 "
                      "ties the LM head to the token embedding and cannot load an untied head")
-  used = {r.hf for r in table} | {_TIED_HEAD}
-  extra = [k for k in tensors if k not in used and not k.endswith(_GPT2_IGNORED_SUFFIXES)]
-  if extra:
-    log.warning("ignoring %d tensor(s) of %s that GPT-2 does not use: %s", len(extra), path,
-                ", ".join(extra[:8]))
-  unfilled = set(want) - set(leaves)
-  if unfilled:  # a jaxft parameter the table does not cover: a bug here, not the user's
-    raise RuntimeError(f"no HF tensor maps to jaxft params {sorted(unfilled)}")
+  _warn_unused(tensors, {r.hf for r in table} | {_TIED_HEAD}, path, "GPT-2",
+               _GPT2_IGNORED_SUFFIXES)
+  return _unflatten(leaves)
+
+
+def load_bert_params(path: str, expected: Mapping) -> dict:
+  """HF BertModel weights (bare, or the "bert." backbone of a BertFor* model) -> the param tree
+  of a jaxft BertModel shaped like `expected`."""
+  tensors = {k.removeprefix("bert."): v for k, v in _read_tensors(path).items()}
+  want = dict(_flatten(expected))
+  n_layer = len({p.split("/")[0] for p in want if p.startswith("layer_")})
+  table = bert_table(n_layer)
+  leaves = _fill(table, tensors, want, path, "BERT")
+  _warn_unused(tensors, {r.hf for r in table}, path, "BertModel", ("position_ids",))
   return _unflatten(leaves)
 
 

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxft.models import layers
+
 Dtype = Any
 
 
@@ -49,23 +51,8 @@ def _partitioned(init, axes):
   return nn.with_logical_partitioning(init, axes)
 
 
-class LayerNorm(nn.Module):
-  """LayerNorm with logical axis names; statistics in float32 whatever the compute dtype."""
-
-  cfg: GPT2Config
-
-  @nn.compact
-  def __call__(self, x):
-    cfg = self.cfg
-    scale = self.param("scale", _partitioned(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), cfg.param_dtype)
-    bias = self.param("bias", _partitioned(nn.initializers.zeros, ("embed",)),
-                      (x.shape[-1],), cfg.param_dtype)
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + cfg.layer_norm_epsilon)
-    return (y * scale + bias).astype(cfg.dtype)
+def LayerNorm(cfg, name=None):  # noqa: N802 (a module factory)
+  return layers.LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, cfg.param_dtype, name=name)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,137 @@
+"""BERT in flax.linen, architecturally identical to Hugging Face's BertModel.
+
+Word + position + token-type embeddings, post-LayerNorm blocks (LayerNorm after each residual
+add), exact (erf) GELU, bidirectional attention limited to non-padding tokens, and a tanh pooler
+over the first ([CLS]) token. `BertModel.__call__` returns (hidden states [B, T, D], pooled
+[B, D]); task heads own everything after that. q/k/v are [embed, heads, head_dim] kernels as in
+jaxft's GPT-2, so tensor parallelism shards whole heads; `jaxft.hf` transposes HF's nn.Linear
+(out, in) weights into them.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxft.models import layers
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+
+def _init(cfg: BertConfig, axes):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros, axes)
+
+
+def LayerNorm(cfg, name=None):  # noqa: N802 (a module factory)
+  return layers.LayerNorm(cfg.layer_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+
+
+def dense(cfg: BertConfig, features: int, name: str, axes: tuple[str, str]) -> nn.Dense:
+  return nn.Dense(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+                  kernel_init=_init(cfg, axes), bias_init=_zeros(axes[1:]))
+
+
+class Attention(nn.Module):
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, x, attend, *, deterministic: bool):
+    """x [B, T, D]; attend [B, Tq, Tk] bool."""
+    cfg = self.cfg
+    proj = lambda name: nn.DenseGeneral(  # noqa: E731
+        (cfg.num_attention_heads, cfg.head_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        name=name, kernel_init=_init(cfg, ("embed", "heads", "kv")),
+        bias_init=_zeros(("heads", "kv")))
+    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # [B, T, H, Dh]
+    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "kv"))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
+    scores = jnp.where(attend[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cfg.dtype), v)
+    out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, name="out",
+                          kernel_init=_init(cfg, ("heads", "kv", "embed")),
+                          bias_init=_zeros(("embed",)))(out)
+    out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
+    return LayerNorm(cfg, name="ln")(out + x)  # post-LN
+
+
+class Layer(nn.Module):
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, x, attend, *, deterministic: bool):
+    cfg = self.cfg
+    x = Attention(cfg, name="attn")(x, attend, deterministic=deterministic)
+    h = dense(cfg, cfg.intermediate_size, "fc", ("embed", "mlp"))(x)
+    h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+    h = jax.nn.gelu(h, approximate=False)  # HF "gelu": exact erf GELU
+    h = dense(cfg, cfg.hidden_size, "proj", ("mlp", "embed"))(h)
+    h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+    out = LayerNorm(cfg, name="ln")(h + x)
+    return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
+
+
+class BertModel(nn.Module):
+  """tokens [B, T] -> (hidden [B, T, D], pooled [B, D]).
+
+  `segment_ids` > 0 marks real tokens (0 = padding, as in HF's attention_mask); a query attends
+  to every real token of its own segment, so packed rows stay separate. `token_types` are BERT's
+  sentence A/B ids (default 0), `positions` default to 0..T-1.
+  """
+
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
+               deterministic: bool = True):
+    cfg = self.cfg
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    if token_types is None:
+      token_types = jnp.zeros_like(tokens)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    embed = lambda n, name, axes: nn.Embed(  # noqa: E731
+        n, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+        embedding_init=_init(cfg, axes))
+    x = (embed(cfg.vocab_size, "word", ("vocab", "embed"))(tokens)
+         + embed(cfg.max_position_embeddings, "position", (None, "embed"))(positions)
+         + embed(cfg.type_vocab_size, "token_type", (None, "embed"))(token_types))
+    x = LayerNorm(cfg, name="ln_embed")(x)
+    x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    attend = ((segment_ids[:, :, None] == segment_ids[:, None, :])
+              & (segment_ids[:, None, :] > 0))  # [B, Tq, Tk]
+    for i in range(cfg.num_hidden_layers):
+      x = Layer(cfg, name=f"layer_{i}")(x, attend, deterministic=deterministic)
+    pooled = jnp.tanh(dense(cfg, cfg.hidden_size, "pooler", ("embed", None))(x[:, 0]))
+    return x, pooled
