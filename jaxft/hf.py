@@ -1,11 +1,12 @@
 """Hugging Face <-> jaxft parameters: one table row per HF tensor, read and written generically.
 
-A row names an HF tensor (without the "transformer." prefix that GPT2LMHeadModel adds), the
-jaxft leaves it becomes and how the axes map. HF GPT-2 uses Conv1D, whose weight is (in, out):
-the same layout as a flax kernel, so no row needs a transpose; c_attn packs q, k and v along its
-output axis and jaxft keeps them as separate [embed, heads, head_dim] kernels. A new family (e.g.
-BERT, whose nn.Linear weights are (out, in)) adds its own table to `_TABLES` and a transform for
-the transpose; the readers, writers and shape checks below stay as they are.
+A row names an HF tensor, the jaxft leaves it becomes and how the axes map. HF GPT-2 uses
+Conv1D, whose weight is (in, out): the same layout as a flax kernel, so no GPT-2 row needs a
+transpose; c_attn packs q, k and v along its output axis and jaxft keeps them as separate
+[embed, heads, head_dim] kernels. BERT's nn.Linear weights are (out, in): transposed. Each
+transformers class (GPT2LMHeadModel, BertForSequenceClassification, ...) is an `Arch`: a
+backbone table under a prefix plus its head rows. The readers, writers and shape checks are
+shared. config.json lives in `jaxft.hf_config`.
 """
 
 import dataclasses
@@ -18,14 +19,19 @@ from collections.abc import Iterator, Mapping
 import jax
 import numpy as np
 
-from jaxft.models.gpt2 import GPT2Config
+from jaxft.hf_config import (  # noqa: F401 (re-exported: hf.read_hf_config etc.)
+    CONFIG_FILE,
+    bert_config_dict,
+    gpt2_config_dict,
+    label_names,
+    model_overrides,
+    read_hf_config,
+)
 
 log = logging.getLogger("jaxft")
 
-CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "pytorch_model.bin"
-GPT2_EOS_ID = 50256  # <|endoftext|> of GPT-2's BPE: HF's bos/eos/pad for gpt2 checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,165 +71,124 @@ class Row:
     return tuple(math.prod(shape[a] for a in axes) for axes in self.merge)
 
 
-def _gpt2_table(n_layer: int) -> list[Row]:
-  t = "transformer"
-  rows = [
-      Row("wte.weight", (f"{t}/wte/embedding",)),
-      Row("wpe.weight", (f"{t}/wpe/embedding",)),
-  ]
-  per_layer = [
-      Row("h.{i}.ln_1.weight", ("h_{i}/ln_1/scale",)),
-      Row("h.{i}.ln_1.bias", ("h_{i}/ln_1/bias",)),
-      Row("h.{i}.attn.c_attn.weight",
-          ("h_{i}/attn/query/kernel", "h_{i}/attn/key/kernel", "h_{i}/attn/value/kernel"),
-          merge=((0,), (1, 2))),  # 3 x [embed, heads, head_dim] -> [embed, 3 * embed]
-      Row("h.{i}.attn.c_attn.bias",
-          ("h_{i}/attn/query/bias", "h_{i}/attn/key/bias", "h_{i}/attn/value/bias"),
-          merge=((0, 1),)),  # 3 x [heads, head_dim] -> [3 * embed]
-      Row("h.{i}.attn.c_proj.weight", ("h_{i}/attn/out/kernel",),
-          merge=((0, 1), (2,))),  # [heads, head_dim, embed] -> [embed, embed]
-      Row("h.{i}.attn.c_proj.bias", ("h_{i}/attn/out/bias",)),
-      Row("h.{i}.ln_2.weight", ("h_{i}/ln_2/scale",)),
-      Row("h.{i}.ln_2.bias", ("h_{i}/ln_2/bias",)),
-      Row("h.{i}.mlp.c_fc.weight", ("h_{i}/mlp/fc/kernel",)),
-      Row("h.{i}.mlp.c_fc.bias", ("h_{i}/mlp/fc/bias",)),
-      Row("h.{i}.mlp.c_proj.weight", ("h_{i}/mlp/proj/kernel",)),
-      Row("h.{i}.mlp.c_proj.bias", ("h_{i}/mlp/proj/bias",)),
-  ]
+def _linear(hf: str, jaxft: str, merge=None) -> list[Row]:
+  """An HF nn.Linear (weight (out, in), bias) <-> a flax Dense/DenseGeneral (kernel, bias)."""
+  return [Row(f"{hf}.weight", (f"{jaxft}/kernel",), merge=merge, transpose=True),
+          Row(f"{hf}.bias", (f"{jaxft}/bias",), merge=None if merge is None else ((0, 1),))]
+
+
+def _layer_norm(hf: str, jaxft: str) -> list[Row]:
+  return [Row(f"{hf}.weight", (f"{jaxft}/scale",)), Row(f"{hf}.bias", (f"{jaxft}/bias",))]
+
+
+def _gpt2_backbone(n_layer: int, pooler: bool = False) -> list[Row]:
+  """HF GPT2Model <-> jaxft GPT2Model (Conv1D weights are (in, out): no transposes)."""
+  del pooler  # GPT-2 has none
+  rows = [Row("wte.weight", ("wte/embedding",)), Row("wpe.weight", ("wpe/embedding",))]
   for i in range(n_layer):
-    rows += [Row(r.hf.format(i=i), tuple(f"{t}/{p.format(i=i)}" for p in r.jaxft), r.merge)
-             for r in per_layer]
-  rows += [
-      Row("ln_f.weight", (f"{t}/ln_f/scale",)),
-      Row("ln_f.bias", (f"{t}/ln_f/bias",)),
-  ]
-  return rows
+    h, j = f"h.{i}", f"h_{i}"
+    rows += [
+        *_layer_norm(f"{h}.ln_1", f"{j}/ln_1"),
+        Row(f"{h}.attn.c_attn.weight",
+            (f"{j}/attn/query/kernel", f"{j}/attn/key/kernel", f"{j}/attn/value/kernel"),
+            merge=((0,), (1, 2))),  # 3 x [embed, heads, head_dim] -> [embed, 3 * embed]
+        Row(f"{h}.attn.c_attn.bias",
+            (f"{j}/attn/query/bias", f"{j}/attn/key/bias", f"{j}/attn/value/bias"),
+            merge=((0, 1),)),  # 3 x [heads, head_dim] -> [3 * embed]
+        Row(f"{h}.attn.c_proj.weight", (f"{j}/attn/out/kernel",),
+            merge=((0, 1), (2,))),  # [heads, head_dim, embed] -> [embed, embed]
+        Row(f"{h}.attn.c_proj.bias", (f"{j}/attn/out/bias",)),
+        *_layer_norm(f"{h}.ln_2", f"{j}/ln_2"),
+        Row(f"{h}.mlp.c_fc.weight", (f"{j}/mlp/fc/kernel",)),
+        Row(f"{h}.mlp.c_fc.bias", (f"{j}/mlp/fc/bias",)),
+        Row(f"{h}.mlp.c_proj.weight", (f"{j}/mlp/proj/kernel",)),
+        Row(f"{h}.mlp.c_proj.bias", (f"{j}/mlp/proj/bias",)),
+    ]
+  return rows + _layer_norm("ln_f", "ln_f")
 
 
-def bert_table(n_layer: int, prefix: str = "") -> list[Row]:
-  """HF BertModel <-> jaxft BertModel. `prefix` is where the backbone sits in both trees
-  ("bert" inside BertFor* heads); HF nn.Linear weights are (out, in), hence the transposes."""
-  hf_p = f"{prefix}." if prefix else ""
-  jx = f"{prefix}/" if prefix else ""
-  ln = lambda hf, j: [Row(f"{hf}.weight", (f"{j}/scale",)),  # noqa: E731
-                      Row(f"{hf}.bias", (f"{j}/bias",))]
-  linear = lambda hf, j, merge=None: [  # noqa: E731
-      Row(f"{hf}.weight", (f"{j}/kernel",), merge=merge, transpose=True),
-      Row(f"{hf}.bias", (f"{j}/bias",), merge=None if merge is None else ((0, 1),))]
+def _bert_backbone(n_layer: int, pooler: bool = True) -> list[Row]:
+  """HF BertModel <-> jaxft BertModel (nn.Linear weights are (out, in): transposed)."""
   rows = [Row("embeddings.word_embeddings.weight", ("word/embedding",)),
           Row("embeddings.position_embeddings.weight", ("position/embedding",)),
           Row("embeddings.token_type_embeddings.weight", ("token_type/embedding",)),
-          *ln("embeddings.LayerNorm", "ln_embed")]
+          *_layer_norm("embeddings.LayerNorm", "ln_embed")]
   for i in range(n_layer):
     h, j = f"encoder.layer.{i}", f"layer_{i}"
     for name in ("query", "key", "value"):  # [embed, heads, head_dim] <- [embed, embed]
-      rows += linear(f"{h}.attention.self.{name}", f"{j}/attn/{name}", ((0,), (1, 2)))
+      rows += _linear(f"{h}.attention.self.{name}", f"{j}/attn/{name}", ((0,), (1, 2)))
     rows += [Row(f"{h}.attention.output.dense.weight", (f"{j}/attn/out/kernel",),
                  merge=((0, 1), (2,)), transpose=True),  # [heads, head_dim, embed]
              Row(f"{h}.attention.output.dense.bias", (f"{j}/attn/out/bias",)),
-             *ln(f"{h}.attention.output.LayerNorm", f"{j}/attn/ln"),
-             *linear(f"{h}.intermediate.dense", f"{j}/fc"),
-             *linear(f"{h}.output.dense", f"{j}/proj"),
-             *ln(f"{h}.output.LayerNorm", f"{j}/ln")]
-  rows += linear("pooler.dense", "pooler")
-  return [Row(hf_p + r.hf, tuple(jx + p for p in r.jaxft), r.merge, r.transpose) for r in rows]
+             *_layer_norm(f"{h}.attention.output.LayerNorm", f"{j}/attn/ln"),
+             *_linear(f"{h}.intermediate.dense", f"{j}/fc"),
+             *_linear(f"{h}.output.dense", f"{j}/proj"),
+             *_layer_norm(f"{h}.output.LayerNorm", f"{j}/ln")]
+  if pooler:
+    rows += _linear("pooler.dense", "pooler")
+  return rows
 
 
-# HF names that are not parameters jaxft keeps: the causal-mask buffers older GPT-2 saves carry,
-# and the LM head, which is tied to wte (checked equal when present).
-_GPT2_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-_GPT2_PREFIX = "transformer."
-_TIED_HEAD = "lm_head.weight"
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """How one transformers class lays out its tensors relative to the jaxft module.
 
-_TABLES = {"gpt2": _gpt2_table}
+  The backbone sits under `hf_prefix` in HF names and `jaxft_prefix` in jaxft paths; `head`
+  rows are top-level in both. A checkpoint of another class of the same family (e.g. a bare
+  BertModel for a BertForSequenceClassification) fills the backbone; the head and the pooler
+  may be absent from it and are then newly initialised, as transformers does. `tied` names HF
+  tensors that duplicate another one (checked equal, never loaded twice).
+  """
 
+  family: str
+  hf_prefix: str
+  jaxft_prefix: str
+  pooler: bool = False
+  head: tuple[Row, ...] = ()
+  tied: tuple[tuple[str, str], ...] = ()
 
-# ---------------------------------------------------------------------------------------------
-# config.json
+  def rows(self, n_layer: int, with_hf_prefix: bool) -> list[Row]:
+    backbone = _BACKBONES[self.family](n_layer, self.pooler)
+    hp = f"{self.hf_prefix}." if self.hf_prefix and with_hf_prefix else ""
+    jp = f"{self.jaxft_prefix}/" if self.jaxft_prefix else ""
+    return [Row(hp + r.hf, tuple(jp + p for p in r.jaxft), r.merge, r.transpose)
+            for r in backbone] + list(self.head)
 
-
-def read_hf_config(path: str) -> dict:
-  """The HF config.json of directory `path` (given as config.init_from or --init_from)."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"config.init_from / --init_from={path!r} is not a directory; point "
-                            "it at a local Hugging Face model directory (config.json + "
-                            "model.safetensors or pytorch_model.bin)")
-  file = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(file):
-    raise FileNotFoundError(f"config.init_from / --init_from={path!r} has no {CONFIG_FILE}; it "
-                            "should be a directory written by save_pretrained")
-  with open(file) as f:
-    return json.load(f)
-
-
-def model_overrides(hf_config: dict) -> dict:
-  """HF GPT-2 config.json -> `config.model` fields. Rejects variants jaxft's GPT-2 lacks."""
-  model_type = hf_config.get("model_type")
-  if model_type != "gpt2":
-    raise ValueError(f"unsupported architecture: config.json has model_type={model_type!r}; "
-                     "jaxft can load model_type 'gpt2' (GPT2Model / GPT2LMHeadModel)")
-  # gelu_pytorch_tanh is the same tanh approximation as gelu_new.
-  activation = hf_config.get("activation_function", "gelu_new")
-  if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-    raise ValueError(f"unsupported architecture: config.json has activation_function="
-                     f"{activation!r}; jaxft's GPT-2 uses 'gelu_new' (tanh-approximated GELU)")
-  n_embd = hf_config.get("n_embd", 768)
-  n_inner = hf_config.get("n_inner")
-  # Fields whose non-default values change the math jaxft implements.
-  unsupported = {
-      "n_inner": n_inner not in (None, 4 * n_embd),
-      "scale_attn_weights": not hf_config.get("scale_attn_weights", True),
-      "scale_attn_by_inverse_layer_idx": hf_config.get("scale_attn_by_inverse_layer_idx", False),
-      "add_cross_attention": hf_config.get("add_cross_attention", False),
-      "tie_word_embeddings": not hf_config.get("tie_word_embeddings", True),
-  }
-  for field, bad in unsupported.items():
-    if bad:
-      raise ValueError(f"unsupported architecture: config.json has {field}="
-                       f"{hf_config.get(field)!r}, which jaxft's GPT-2 does not implement")
-  return {
-      "n_layer": int(hf_config.get("n_layer", 12)),
-      "n_embd": int(n_embd),
-      "n_head": int(hf_config.get("n_head", 12)),
-      "vocab_size": int(hf_config.get("vocab_size", 50257)),
-      # Old configs carry n_ctx next to n_positions; the position table is n_positions long.
-      "n_positions": int(hf_config.get("n_positions", hf_config.get("n_ctx", 1024))),
-      "layer_norm_epsilon": float(hf_config.get("layer_norm_epsilon", 1e-5)),
-      "embd_pdrop": float(hf_config.get("embd_pdrop", 0.1)),
-      "attn_pdrop": float(hf_config.get("attn_pdrop", 0.1)),
-      "resid_pdrop": float(hf_config.get("resid_pdrop", 0.1)),
-  }
+  def optional(self, n_layer: int) -> set[str]:
+    """jaxft paths a checkpoint of a sibling class may lack: the head and the pooler."""
+    jp = f"{self.jaxft_prefix}/" if self.jaxft_prefix else ""
+    paths = {p for r in self.head for p in r.jaxft}
+    if self.pooler:
+      paths |= {jp + p for r in _linear("pooler.dense", "pooler") for p in r.jaxft}
+    return paths
 
 
-def hf_config_dict(cfg: GPT2Config, eos_id: int | None = None) -> dict:
-  """A config.json that transformers' GPT2Config reads as exactly this model."""
-  if eos_id is None and cfg.vocab_size > GPT2_EOS_ID:
-    eos_id = GPT2_EOS_ID
-  return {
-      "architectures": ["GPT2LMHeadModel"],
-      "model_type": "gpt2",
-      "vocab_size": cfg.vocab_size,
-      "n_positions": cfg.n_positions,
-      "n_ctx": cfg.n_positions,  # read by older transformers releases
-      "n_embd": cfg.n_embd,
-      "n_layer": cfg.n_layer,
-      "n_head": cfg.n_head,
-      "n_inner": None,  # 4 * n_embd
-      "activation_function": "gelu_new",
-      "resid_pdrop": cfg.resid_pdrop,
-      "embd_pdrop": cfg.embd_pdrop,
-      "attn_pdrop": cfg.attn_pdrop,
-      "layer_norm_epsilon": cfg.layer_norm_epsilon,
-      "initializer_range": cfg.initializer_range,
-      "scale_attn_weights": True,
-      "scale_attn_by_inverse_layer_idx": False,
-      "reorder_and_upcast_attn": False,
-      "tie_word_embeddings": True,
-      "use_cache": True,
-      "bos_token_id": eos_id,
-      "eos_token_id": eos_id,
-      "dtype": "float32",
-  }
+_BACKBONES = {"gpt2": _gpt2_backbone, "bert": _bert_backbone}
+_BACKBONE_PREFIX = {"gpt2": "transformer.", "bert": "bert."}
+_WORD_EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
+ARCHITECTURES = {
+    "GPT2LMHeadModel": Arch("gpt2", "transformer", "transformer",
+                            tied=(("lm_head.weight", "transformer.wte.weight"),)),
+    "GPT2ForSequenceClassification": Arch(
+        "gpt2", "transformer", "transformer",
+        head=(Row("score.weight", ("score/kernel",), transpose=True),)),
+    "BertModel": Arch("bert", "", "", pooler=True),
+    "BertForMaskedLM": Arch(
+        "bert", "bert", "bert",
+        head=(*_linear("cls.predictions.transform.dense", "mlm_transform"),
+              *_layer_norm("cls.predictions.transform.LayerNorm", "mlm_ln"),
+              Row("cls.predictions.bias", ("mlm_bias",))),
+        tied=(("cls.predictions.decoder.weight", _WORD_EMBEDDINGS),
+              ("cls.predictions.decoder.bias", "cls.predictions.bias"))),
+    "BertForSequenceClassification": Arch("bert", "bert", "bert", pooler=True,
+                                          head=tuple(_linear("classifier", "classifier"))),
+    "BertForTokenClassification": Arch("bert", "bert", "bert",
+                                       head=tuple(_linear("classifier", "classifier"))),
+    "BertForQuestionAnswering": Arch("bert", "bert", "bert",
+                                     head=tuple(_linear("qa_outputs", "qa_outputs"))),
+}
+# Tensors some HF checkpoints carry that are buffers, not parameters.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,8 +215,11 @@ def _unflatten(leaves: dict[str, np.ndarray]) -> dict:
   return tree
 
 
-def _n_layer(leaf_paths) -> int:
-  return len({p.split("/")[1] for p in leaf_paths if p.startswith("transformer/h_")})
+def _n_layer(leaf_paths, arch: Arch) -> int:
+  marker = "h_" if arch.family == "gpt2" else "layer_"
+  prefix = f"{arch.jaxft_prefix}/" if arch.jaxft_prefix else ""
+  return len({p.removeprefix(prefix).split("/")[0] for p in leaf_paths
+              if p.startswith(prefix + marker)})
 
 
 def _read_safetensors(file: str) -> dict[str, np.ndarray]:
@@ -286,27 +254,35 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _fill(table: list[Row], tensors: dict[str, np.ndarray], want: dict, path: str,
-          family: str) -> dict[str, np.ndarray]:
-  """Every table row's HF tensor, shape-checked, converted into jaxft leaves of `want`."""
-  missing = [r.hf for r in table if r.hf not in tensors]
-  if missing:
-    raise ValueError(f"{path} lacks {len(missing)} {family} tensor(s): {', '.join(missing[:8])}"
-                     f"{' ...' if len(missing) > 8 else ''} (it has {len(tensors)} tensors; "
-                     f"is it a {family} checkpoint with the layer count of its config.json?)")
+          family: str, optional: set[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Every table row's HF tensor, shape-checked, converted into jaxft leaves of `want`.
+
+  Returns (leaves, the optional jaxft paths the checkpoint lacks)."""
+  missing = [r for r in table if r.hf not in tensors]
+  required = [r.hf for r in missing if not set(r.jaxft) <= optional]
+  if required:
+    raise ValueError(f"{path} lacks {len(required)} {family} tensor(s): "
+                     f"{', '.join(required[:8])}{' ...' if len(required) > 8 else ''} (it has "
+                     f"{len(tensors)} tensors; is it a {family} checkpoint with the layer count "
+                     "of its config.json?)")
   leaves: dict[str, np.ndarray] = {}
   for row in table:
+    if row.hf not in tensors:
+      continue
     shapes = [tuple(want[p].shape) for p in row.jaxft]
     tensor = tensors[row.hf]
     if tuple(tensor.shape) != row.hf_shape(shapes):
       raise ValueError(f"HF tensor {row.hf!r} in {path} has shape {tuple(tensor.shape)} but the "
                        f"jaxft model expects {row.hf_shape(shapes)} (for {', '.join(row.jaxft)}); "
-                       "the weights do not match the config the model was built from")
+                       "the weights do not match the config the model was built from (for a "
+                       "classifier head: the number of labels)")
     for p, x in zip(row.jaxft, row.to_jaxft(tensor, shapes)):
       leaves[p] = x.astype(want[p].dtype)
-  unfilled = set(want) - set(leaves)
+  newly = sorted(p for r in missing for p in r.jaxft)
+  unfilled = set(want) - set(leaves) - set(newly)
   if unfilled:  # a jaxft parameter the table does not cover: a bug here, not the user's
     raise RuntimeError(f"no HF tensor maps to jaxft params {sorted(unfilled)}")
-  return leaves
+  return leaves, newly
 
 
 def _warn_unused(tensors, used, path, family, ignored=()):
@@ -316,58 +292,87 @@ def _warn_unused(tensors, used, path, family, ignored=()):
                 family, ", ".join(extra[:8]))
 
 
-def load_hf_params(path: str, expected: Mapping) -> dict:
-  """HF GPT-2 weights in directory `path` -> a numpy param tree shaped like `expected`.
+def _check_tied(tensors, arch: Arch, path: str) -> None:
+  for copy, source in arch.tied:
+    if copy in tensors and source in tensors and not np.array_equal(tensors[copy],
+                                                                    tensors[source]):
+      raise ValueError(f"{path} has a {copy} that differs from {source}; jaxft ties them (as "
+                       "transformers does by default) and cannot load an untied checkpoint")
 
-  `expected` is the abstract param tree (e.g. `jax.eval_shape` of the unboxed init): its shapes
-  are checked against every HF tensor and its dtypes are the ones returned.
+
+def _backbone_names(tensors: dict, arch: Arch) -> dict:
+  """Strips the backbone prefix whichever class saved the file ("bert.x" and "x" both -> "x"),
+  keeping head tensors (classifier.*, cls.*, score.*, lm_head.*) as they are."""
+  prefix = _BACKBONE_PREFIX[arch.family]
+  return {k.removeprefix(prefix): v for k, v in tensors.items()}
+
+
+def load_params(path: str, expected: Mapping, architecture: str,
+                init_fn=None) -> dict:
+  """HF weights in directory `path` -> a numpy param tree shaped like `expected` (the abstract
+  tree of the jaxft module for `architecture`, e.g. `jax.eval_shape` of its unboxed init).
+
+  The checkpoint may be any class of the same family: a head or pooler it lacks comes from
+  `init_fn()` (the module's own random init), with a warning naming them, as transformers'
+  "newly initialized" message.
   """
-  tensors = _read_tensors(path)
-  # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model saves "h.0...".
-  tensors = {k.removeprefix(_GPT2_PREFIX): v for k, v in tensors.items()}
+  arch = ARCHITECTURES[architecture]
+  family = {"gpt2": "GPT-2", "bert": "BERT"}[arch.family]
+  raw = _read_tensors(path)
+  _check_tied(raw, arch, path)
+  tensors = _backbone_names(raw, arch)
   want = dict(_flatten(expected))
-  table = _TABLES["gpt2"](_n_layer(want))
-  leaves = _fill(table, tensors, want, path, "GPT-2")
-  if _TIED_HEAD in tensors and not np.array_equal(tensors[_TIED_HEAD], tensors["wte.weight"]):
-    raise ValueError(f"{path} has an lm_head.weight that differs from wte.weight; jaxft's GPT-2 "
-                     "ties the LM head to the token embedding and cannot load an untied head")
-  _warn_unused(tensors, {r.hf for r in table} | {_TIED_HEAD}, path, "GPT-2",
-               _GPT2_IGNORED_SUFFIXES)
+  n_layer = _n_layer(want, arch)
+  table = arch.rows(n_layer, with_hf_prefix=False)
+  leaves, newly = _fill(table, tensors, want, path, family, arch.optional(n_layer))
+  if newly:
+    if init_fn is None:
+      raise ValueError(f"{path} has no weights for {', '.join(newly)}; it is not a "
+                       f"{architecture} checkpoint")
+    log.warning("%s has no weights for %s: newly initialised (train them before use)", path,
+                ", ".join(newly))
+    initial = dict(_flatten(jax.device_get(init_fn())))
+    leaves.update({p: np.asarray(initial[p], want[p].dtype) for p in newly})
+  prefix = _BACKBONE_PREFIX[arch.family]
+  used = {r.hf for r in table} | {copy.removeprefix(prefix) for copy, _ in arch.tied}
+  _warn_unused(tensors, used, path, architecture, _IGNORED_SUFFIXES)
   return _unflatten(leaves)
+
+
+def load_hf_params(path: str, expected: Mapping) -> dict:
+  """HF GPT-2 weights (GPT2Model / GPT2LMHeadModel) -> jaxft GPT2LMHeadModel params."""
+  return load_params(path, expected, "GPT2LMHeadModel")
 
 
 def load_bert_params(path: str, expected: Mapping) -> dict:
-  """HF BertModel weights (bare, or the "bert." backbone of a BertFor* model) -> the param tree
-  of a jaxft BertModel shaped like `expected`."""
-  tensors = {k.removeprefix("bert."): v for k, v in _read_tensors(path).items()}
-  want = dict(_flatten(expected))
-  n_layer = len({p.split("/")[0] for p in want if p.startswith("layer_")})
-  table = bert_table(n_layer)
-  leaves = _fill(table, tensors, want, path, "BERT")
-  _warn_unused(tensors, {r.hf for r in table}, path, "BertModel", ("position_ids",))
-  return _unflatten(leaves)
+  """HF BertModel weights (bare, or the backbone of any BertFor*) -> jaxft BertModel params."""
+  return load_params(path, expected, "BertModel")
 
 
-def to_hf_tensors(params: Mapping, n_layer: int) -> dict[str, np.ndarray]:
-  """jaxft params -> HF GPT2LMHeadModel state (float32, contiguous, "transformer."-prefixed)."""
+def to_hf_tensors(params: Mapping, architecture: str = "GPT2LMHeadModel") -> dict[str, np.ndarray]:
+  """jaxft params -> the state dict of `architecture` (float32, contiguous). Tied copies (the LM
+  head, the MLM decoder) are left out, as transformers' save_pretrained leaves them out."""
+  arch = ARCHITECTURES[architecture]
   leaves = {p: np.asarray(jax.device_get(x), np.float32) for p, x in _flatten(params)}
-  return {_GPT2_PREFIX + r.hf: r.to_hf([leaves[p] for p in r.jaxft])
-          for r in _gpt2_table(n_layer)}
+  n_layer = _n_layer(leaves, arch)
+  return {r.hf: r.to_hf([leaves[p] for p in r.jaxft])
+          for r in arch.rows(n_layer, with_hf_prefix=True)}
 
 
-def save_hf(out_dir: str, params: Mapping, cfg: GPT2Config, tokenizer=None) -> None:
-  """Writes config.json + model.safetensors (+ the tokenizer's files) for from_pretrained.
-
-  lm_head.weight is left out, as transformers' own save_pretrained does: GPT2LMHeadModel ties it
-  to transformer.wte.weight on load.
-  """
+def save_hf(out_dir: str, params: Mapping, cfg, tokenizer=None,
+            architecture: str = "GPT2LMHeadModel", labels: list[str] | None = None) -> None:
+  """Writes config.json + model.safetensors (+ the tokenizer's files) for from_pretrained."""
   from safetensors.numpy import save_file
 
   os.makedirs(out_dir, exist_ok=True)
-  eos_id = getattr(tokenizer, "eos_id", None)
+  if ARCHITECTURES[architecture].family == "gpt2":
+    config = gpt2_config_dict(cfg, getattr(tokenizer, "eos_id", None), architecture, labels)
+  else:
+    pad = tokenizer.special_id("pad_token") if tokenizer and "pad_token" in tokenizer.special else 0
+    config = bert_config_dict(cfg, architecture, labels, pad)
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-    json.dump(hf_config_dict(cfg, eos_id), f, indent=2, sort_keys=True)
-  save_file(to_hf_tensors(params, cfg.n_layer), os.path.join(out_dir, SAFETENSORS_FILE),
+    json.dump(config, f, indent=2, sort_keys=True)
+  save_file(to_hf_tensors(params, architecture), os.path.join(out_dir, SAFETENSORS_FILE),
             metadata={"format": "pt"})  # as transformers writes; older releases require it
   if tokenizer is not None:
     tokenizer.save(out_dir)

@@ -139,8 +139,8 @@ def test_missing_tensor_and_unsupported_config_are_named(tmp_path):
     hf.load_hf_params(str(tmp_path), _expected(model))
 
   cfg = json.loads((tmp_path / "config.json").read_text())
-  with pytest.raises(ValueError, match="model_type='bert'"):
-    hf.model_overrides({**cfg, "model_type": "bert"})
+  with pytest.raises(ValueError, match="model_type='t5'"):
+    hf.model_overrides({**cfg, "model_type": "t5"})
   with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
     hf.model_overrides({**cfg, "scale_attn_by_inverse_layer_idx": True})
 

