@@ -15,6 +15,8 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 
 CONFIG_FILE = "config.json"
+LABELS_FILE = "labels.json"
+BEST_DIR = "best"
 
 
 class Checkpointer:
@@ -50,6 +52,33 @@ class Checkpointer:
     self.manager.close()
 
 
+class BestParams:
+  """The params of the best validation score so far, in workdir/best (one step kept).
+
+  Separate from the resumable checkpoints so that keep_checkpoints never deletes it; export,
+  evaluate and predict use it when it exists."""
+
+  def __init__(self, workdir: str):
+    self.directory = os.path.join(os.path.abspath(workdir), BEST_DIR)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+  def save(self, step: int, params, meta: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": params}), meta=ocp.args.JsonSave(meta)),
+        force=True)
+
+  def restore(self, abstract_params):
+    self.manager.wait_until_finished()
+    out = self.manager.restore(self.manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore({"params": abstract_params})))
+    return out.state["params"]
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -64,20 +93,37 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_params(workdir: str, step: int | None = None):
-  """(resolved training config, params) of a workdir's latest (or given) checkpoint.
+def load_labels(workdir: str) -> list[str] | None:
+  path = os.path.join(workdir, LABELS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_params(workdir: str, step: int | None = None, best: bool = True):
+  """(resolved training config, task, params) of a workdir: the best checkpoint (early stopping
+  keeps it in workdir/best) unless `best` is False or a `step` is given, else the latest.
 
   Restores the params alone (no optimizer state), onto the first local device.
   """
   from jaxft import tasks  # here, not at top: tasks imports models, which need no checkpoint
 
   config = load_config(workdir)
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  manager = None
+  if best and step is None and os.path.isdir(os.path.join(workdir, BEST_DIR)):
+    directory = os.path.join(os.path.abspath(workdir), BEST_DIR)
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    if manager.latest_step() is None:  # no evaluation finished yet
+      manager.close()
+      manager = None
+  if manager is None:
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet under {directory}")
-  task = tasks.make_task(config)
+  task = tasks.make_task(config, labels=load_labels(workdir))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.eval_shape(lambda: nn.unbox(task.init(jax.random.key(0),
                                                        config.seq_len))["params"])
@@ -88,4 +134,4 @@ def load_params(workdir: str, step: int | None = None):
       restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract}),
       partial_restore=True)))
   manager.close()
-  return config, out.state["params"]
+  return config, task, out.state["params"]

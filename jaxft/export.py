@@ -2,8 +2,11 @@
 
     python -m jaxft.export --workdir runs/gpt2 --out runs/gpt2/hf [--step N]
 
-The output (config.json, model.safetensors, tokenizer files) loads with
-transformers.GPT2LMHeadModel.from_pretrained(out) and AutoTokenizer.from_pretrained(out).
+The output (config.json, model.safetensors, tokenizer files) loads with the transformers class
+of the run's model and head (GPT2LMHeadModel, BertForSequenceClassification, ...; its name is
+in config.json "architectures", so AutoModelFor*.from_pretrained(out) works) and
+AutoTokenizer.from_pretrained(out). Classifiers carry their label names (id2label). Without
+--step the best checkpoint (workdir/best, kept by early stopping) is exported if there is one.
 """
 
 import os
@@ -18,11 +21,10 @@ _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest
 def export(workdir: str, out: str, step: int | None = None) -> str:
   from jaxft import checkpoint, hf
   from jaxft.data.tokenizer import load_tokenizer
-  from jaxft.models.registry import build_model
 
-  config, params = checkpoint.load_params(workdir, step)
-  _, model_cfg = build_model(config.model)
-  hf.save_hf(out, params, model_cfg, load_tokenizer(config.data.get("tokenizer") or None))
+  config, task, params = checkpoint.load_params(workdir, step)
+  hf.save_hf(out, params, task.model_cfg, load_tokenizer(config.data.get("tokenizer") or None),
+             architecture=task.architecture, labels=task.labels)
   return os.path.abspath(out)
 
 

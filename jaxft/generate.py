@@ -181,11 +181,12 @@ def load_from_workdir(workdir: str, step: int | None = None):
   """(model, params, tokenizer) of a jaxft training directory's checkpoint."""
   from jaxft import checkpoint
   from jaxft.data.tokenizer import load_tokenizer
-  from jaxft.models.registry import build_model
 
-  config, params = checkpoint.load_params(workdir, step)
-  model, _ = build_model(config.model)
-  return model, params, load_tokenizer(config.data.get("tokenizer") or None)
+  config, task, params = checkpoint.load_params(workdir, step)
+  if task.head != "causal_lm":
+    raise ValueError(f"--workdir={workdir} trained a {config.task} model; generation needs a "
+                     "causal LM (configs/gpt2.py)")
+  return task.model, params, load_tokenizer(config.data.get("tokenizer") or None)
 
 
 def load_from_hf(path: str):

@@ -16,7 +16,13 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
 
 def flops_per_token(model_cfg, seq_len: int) -> float:
   """Training FLOPs per token: 6·N (non-embedding params + the LM-head matmul) plus attention
-  6·L·T·D (the 12·L·D·T score/value matmuls, halved because causal masking skips half)."""
+  6·L·T·D (the 12·L·D·T score/value matmuls, halved because causal masking skips half).
+
+  For BERT (bidirectional: the full 12·L·T·D) the head is left out: classifier heads are tiny
+  and the MLM head only scores the masked positions."""
+  if hasattr(model_cfg, "hidden_size"):
+    d, n_layer, ff = model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.intermediate_size
+    return 6.0 * n_layer * (4 * d * d + 2 * d * ff) + 12.0 * n_layer * seq_len * d
   d, n_layer, vocab = model_cfg.n_embd, model_cfg.n_layer, model_cfg.vocab_size
   block_params = n_layer * (12 * d * d + 13 * d)  # qkv+out (4d²), mlp (8d²), biases, norms
   return 6.0 * (block_params + d * vocab) + 6.0 * n_layer * seq_len * d

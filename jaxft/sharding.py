@@ -109,5 +109,13 @@ def check_batch_divisible(batch_size: int, grad_accum_steps: int, mesh: Mesh, ax
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
-  """This process's rows -> global jax.Arrays sharded over the data axes (multi-host safe)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+  """This process's rows -> global jax.Arrays sharded over the data axes (multi-host safe).
+
+  `sharding` is the [B, T] batch sharding; arrays of other ranks ([B] labels, [B, K]
+  positions, [B, T, 2] offsets) get the same row split and replicate their other axes."""
+  rows = sharding.spec[0] if len(sharding.spec) else None
+  out = {}
+  for k, v in local_batch.items():
+    sh = NamedSharding(sharding.mesh, PartitionSpec(rows, *([None] * (v.ndim - 1))))
+    out[k] = jax.make_array_from_process_local_data(sh, v)
+  return out

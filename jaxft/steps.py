@@ -1,8 +1,8 @@
 """train_step / eval_step: pure functions of (state, batch). They never know the task.
 
-Losses are sums over masked tokens divided by the global token count of the whole step, so
-gradient accumulation over micro-batches gives the full-batch gradient (up to float summation
-order).
+Losses are sums (over masked tokens, or examples) divided by the task's global "weight" of the
+whole step (its token or example count), so gradient accumulation over micro-batches gives the
+full-batch gradient (up to float summation order).
 """
 
 import jax
@@ -22,7 +22,8 @@ def _split_micro(batch, n: int):
 
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
-  """loss_fn(params, batch, rng, deterministic) -> (loss_sum, aux sums incl. 'tokens')."""
+  """loss_fn(params, batch, rng, deterministic) -> (loss_sum, aux sums: 'weight', 'tokens',
+  'correct'); see jaxft/tasks/base.py."""
   grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, False), has_aux=True)
 
   def train_step(state: TrainState, batch):
@@ -41,25 +42,18 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_ac
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
       ((loss_sum, aux), grads), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
-    tokens = jnp.maximum(aux["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
+    weight = jnp.maximum(aux["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
                                                                               updates),
                               opt_state=opt_state)
     # update_norm catches a NaN/inf that only the update carries (e.g. from the learning rate)
     # before a checkpoint of the broken params could be written.
-    metrics = {"loss": loss_sum / tokens, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads),
                "update_norm": optax.tree.norm(updates),
                "lr": schedule(state.step), "tokens": aux["tokens"],
-               "accuracy": aux["correct"] / tokens}
+               "accuracy": aux["correct"] / weight}
     return new_state, metrics
 
   return train_step
-
-
-def make_eval_step(eval_sums_fn):
-  """eval_sums_fn(params, batch) -> dict of sums; the caller adds them over batches."""
-  def eval_step(params, batch):
-    return eval_sums_fn(params, batch)
-  return eval_step

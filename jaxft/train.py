@@ -23,7 +23,6 @@ from ml_collections import config_flags
 
 from jaxft import checkpoint, metrics, optim, sharding, steps, tasks
 from jaxft import state as state_lib
-from jaxft.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:variant].",
                                           lock_config=True)
@@ -44,7 +43,8 @@ def apply_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   from jaxft.data.tokenizer import has_tokenizer
 
   overrides = hf.model_overrides(hf.read_hf_config(config.init_from))
-  changed = {k: (config.model[k], v) for k, v in overrides.items() if config.model[k] != v}
+  changed = {k: (config.model.get(k), v) for k, v in overrides.items()
+             if config.model.get(k) != v}
   if changed:
     log.info("init_from %s sets config.model fields: %s", config.init_from, changed)
   with config.unlocked():
@@ -82,76 +82,143 @@ def _check_finite(records: list[dict], workdir: str, last_saved: int | None) -> 
           "> 0 or use float32 (config.model.dtype), then rerun to resume from that checkpoint.")
 
 
-def evaluate(eval_step, params, batches, batch_sh, task) -> dict[str, float]:
-  total = None
-  for batch in batches:
-    sums = eval_step(params, sharding.global_batch(batch, batch_sh))
-    total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
-  return task.summarize(_host(total))
+def evaluate(eval_step, params, batches, batch_sh, task, split: str = "validation"):
+  """(metrics, host outputs) of one pass over `batches`."""
+  outputs = [_host(eval_step(params, sharding.global_batch(b, batch_sh))) for b in batches]
+  return task.summarize(outputs, split), outputs
+
+
+def _num_steps(config, task) -> int:
+  """config.num_steps, or config.num_epochs passes over the training examples."""
+  epochs = config.get("num_epochs", 0)
+  if config.num_steps > 0 or not epochs:
+    return int(config.num_steps)
+  n = task.num_train_examples()
+  if n is None:
+    raise ValueError(f"config.num_epochs={epochs} needs a task with a fixed training set; "
+                     f"{config.task} streams text: set config.num_steps instead")
+  return max(1, int(epochs * n) // config.batch_size)
+
+
+def _eval_every(config, task) -> int:
+  if config.eval_every > 0:
+    return int(config.eval_every)
+  n = task.num_train_examples()  # 0 = once per epoch
+  return max(1, (n or config.batch_size) // config.batch_size)
+
+
+class BestTracker:
+  """The best validation metric so far, its step, and evaluations since it improved."""
+
+  def __init__(self, metric: str, mode: str, patience: int, state: dict | None = None):
+    if mode not in ("max", "min"):
+      raise ValueError(f"config.early_stopping.mode={mode!r} must be 'max' or 'min'")
+    self.metric, self.mode, self.patience = metric, mode, patience
+    state = state or {}
+    self.best = state.get("best")
+    self.best_step = state.get("best_step")
+    self.bad_evals = state.get("bad_evals", 0)
+
+  def update(self, step: int, val: dict) -> bool:
+    """Records an evaluation; True if it is a new best."""
+    if self.metric not in val:
+      raise ValueError(f"config.early_stopping.metric={self.metric!r} is not a validation "
+                       f"metric of this task; choose one of {sorted(val)}")
+    value = val[self.metric]
+    better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+    if better:
+      self.best, self.best_step, self.bad_evals = value, step, 0
+    else:
+      self.bad_evals += 1
+    return better
+
+  @property
+  def should_stop(self) -> bool:
+    return self.patience > 0 and self.bad_evals >= self.patience
+
+  def state(self) -> dict:
+    return {"metric": self.metric, "best": self.best, "best_step": self.best_step,
+            "bad_evals": self.bad_evals}
+
+
+def _format(metrics: dict) -> str:
+  return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) to config.num_steps; returns the final validation metrics."""
+  """Trains (or resumes) to config.num_steps (or early stopping); returns the final validation
+  metrics (of the best checkpoint's params when the task reports on a test split)."""
   os.makedirs(workdir, exist_ok=True)
   config = apply_init_from(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(config.batch_size, config.grad_accum_steps, mesh,
                                  config.axis_rules)
-  task = tasks.make_task(config)
-  tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
   latest = ckpt.latest_step()
-
-  # Data first: a missing corpus should fail before any compilation.
-  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_iter = pipeline.train_iterator(config.data, seq_len=config.seq_len,
-                                       global_batch_size=config.batch_size,
-                                       seed=config.data.shuffle_seed, **proc)
-  eval_batches = pipeline.eval_batches(config.data, seq_len=config.seq_len,
-                                       global_batch_size=config.batch_size,
-                                       max_batches=config.eval_batches or None, **proc)
+  # A resumed run keeps the label order it was trained with (labels.json).
+  labels = checkpoint.load_labels(workdir) if latest is not None else None
+  task = tasks.make_task(config, labels=labels)
 
   _check_vocab(config)
+  # Data first: a missing corpus or a bad label should fail before any compilation.
+  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = task.train_iterator(config.data.shuffle_seed, **proc)
+  eval_batches = task.eval_batches("validation", **proc)
+  num_steps = _num_steps(config, task)
+  eval_every = _eval_every(config, task)
+  tx, schedule = optim.make_optimizer(config.optim, num_steps)
+  if task.labels and jax.process_index() == 0:
+    with open(os.path.join(workdir, checkpoint.LABELS_FILE), "w") as f:
+      json.dump(task.labels, f, indent=1)
+
   init_params = None
   if latest is None and config.init_from:
     from jaxft import hf
 
-    expected = jax.eval_shape(lambda: nn.unbox(task.init(jax.random.key(0),
-                                                         config.seq_len))["params"])
-    init_params = hf.load_hf_params(config.init_from, expected)
+    init_fn = lambda: nn.unbox(task.init(jax.random.key(config.seed),  # noqa: E731
+                                         config.seq_len))["params"]
+    init_params = hf.load_params(config.init_from, jax.eval_shape(init_fn), task.architecture,
+                                 init_fn=init_fn)
   shardings = state_lib.state_shardings(task, tx, config.seq_len, mesh, config.axis_rules)
+  meta = {}
   if latest is None:
     state, _ = state_lib.create_train_state(task, tx, seq_len=config.seq_len, seed=config.seed,
                                             mesh=mesh, axis_rules=config.axis_rules,
                                             params=init_params)
   else:
     target = state_lib.abstract_state(task, tx, seq_len=config.seq_len, shardings=shardings)
-    state, _ = ckpt.restore(latest, target, train_iter)
+    state, meta = ckpt.restore(latest, target, train_iter)
     log.info("resumed from step %d in %s", latest, ckpt.directory)
     _truncate_metrics(workdir, latest)
   checkpoint.save_config(workdir, config)
   metrics.write_run_info(workdir)
 
+  es = config.get("early_stopping", ml_collections.ConfigDict())
+  metric, mode = task.default_metric
+  tracker = BestTracker(es.get("metric") or metric, es.get("mode") or mode,
+                        int(es.get("patience", 0)), meta.get("early_stopping"))
+  best_ckpt = checkpoint.BestParams(workdir)
+
   batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
   train_step = jax.jit(
       steps.make_train_step(task.loss, tx, schedule, config.grad_accum_steps),
-      in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(task.eval_sums),
-                      in_shardings=(shardings.params, batch_sh))
+      in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+  eval_step = jax.jit(task.eval_outputs, in_shardings=(shardings.params, None))
 
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   flops_tok = metrics.flops_per_token(task.model_cfg, config.seq_len)
   peak, peak_src = metrics.peak_flops_per_device()
-  log.info("model: %s parameters; mesh %s; %.1f MFLOP/token (MFU vs %s)", f"{n_params:,}",
-           dict(mesh.shape), flops_tok / 1e6, peak_src)
+  log.info("model: %s parameters; mesh %s; %.1f MFLOP/token (MFU vs %s); %d steps", f"{n_params:,}",
+           dict(mesh.shape), flops_tok / 1e6, peak_src, num_steps)
 
   writer = metrics.Writer(workdir)
   start = int(jax.device_get(state.step))
+  stopped = bool(meta.get("stopped"))
   last_saved = latest
   pending = []
-  bar = metrics.progress_bar(start, config.num_steps)
+  bar = metrics.progress_bar(start, num_steps)
   t_last, untimed = time.perf_counter(), 0
-  val = {}
+  val = dict(meta.get("val") or {})
 
   def flush(step):
     """Host-side: average the pending step metrics, check them, log them."""
@@ -175,7 +242,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending, t_last, untimed = [], now, 0
 
   try:
-    for step in range(start, config.num_steps):
+    for step in range(start, num_steps):
+      if stopped:
+        break
       batch = sharding.global_batch(next(train_iter), batch_sh)
       state, step_metrics = train_step(state, batch)
       pending.append(step_metrics)
@@ -185,30 +254,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         jax.block_until_ready(step_metrics)
         log.info("first step (compile + run) took %.1fs", time.perf_counter() - t_last)
         t_last, untimed = time.perf_counter(), len(pending)
-      is_last = done == config.num_steps
+      is_last = done == num_steps
       if done % config.log_every == 0 or is_last:
         flush(done)
-      if done % config.eval_every == 0 or is_last:
+      if done % eval_every == 0 or is_last:
         flush(done)
-        val = evaluate(eval_step, state.params, eval_batches, batch_sh, task)
+        val, _ = evaluate(eval_step, state.params, eval_batches, batch_sh, task)
         writer.write(done, {f"val/{k}": v for k, v in val.items()})
-        bar.write(f"step {done}: validation loss {val['loss']:.4f}, "
-                  f"perplexity {val['perplexity']:.2f}")
+        if tracker.update(done, val):
+          best_ckpt.save(done, state.params, {"step": done, "val": val, "labels": task.labels})
+        stopped = tracker.should_stop
+        bar.write(f"step {done}: validation {_format(val)}"
+                  + (f"; no {tracker.metric} gain in {tracker.bad_evals} evaluations: early stop"
+                     if stopped else ""))
         t_last = time.perf_counter()  # evaluation time is not training throughput
-      if done % config.checkpoint_every == 0 or is_last:
+      if done % config.checkpoint_every == 0 or is_last or stopped:
         flush(done)  # never save past a non-finite loss
-        ckpt.save(done, state, train_iter, {"step": done, "val": val})
+        ckpt.save(done, state, train_iter, {"step": done, "val": val, "stopped": stopped,
+                                            "early_stopping": tracker.state(),
+                                            "labels": task.labels})
         last_saved = done
         t_last = time.perf_counter()
   finally:
     bar.close()
     ckpt.close()
+    best_ckpt.close()
     writer.close()
 
   if not val:  # nothing left to train (already finished): still report
-    val = evaluate(eval_step, state.params, eval_batches, batch_sh, task)
-  _report(config, workdir, task, state.params, val, eval_batches)
+    val, _ = evaluate(eval_step, state.params, eval_batches, batch_sh, task)
+  final_params = state.params
+  if tracker.best_step is not None and tracker.best_step != int(jax.device_get(state.step)):
+    log.info("best %s %.4f at step %d: reporting with those params", tracker.metric,
+             tracker.best, tracker.best_step)
+    final_params = best_ckpt.restore(shardings.params)
+    val, _ = evaluate(eval_step, final_params, eval_batches, batch_sh, task)
+  report_split = task.report_split()
+  if report_split:
+    batches = task.eval_batches(report_split, **proc)
+    _, outputs = evaluate(eval_step, final_params, batches, batch_sh, task, report_split)
+    write_report(task, outputs, report_split, workdir)
+  if jax.process_index() == 0:
+    png = metrics.plot_loss_curve(workdir, metrics.read_metrics(workdir))
+    task.finish(workdir, _host(final_params), val, eval_batches)
+    if png:
+      print(f"loss curve: {png}")
   return val
+
+
+def write_report(task, outputs, split: str, workdir: str) -> dict:
+  """Prints the task's detailed report of `split` and saves it as report_{split}.json."""
+  text, data = task.report(outputs, split)
+  if jax.process_index() == 0:
+    print(f"=== {split} ===\n{text}")
+    path = os.path.join(workdir, f"report_{split}.json")
+    with open(path, "w") as f:
+      json.dump(data, f, indent=2)
+    print(f"report: {path}")
+  return data
 
 
 def _truncate_metrics(workdir: str, step: int) -> None:
@@ -220,31 +323,6 @@ def _truncate_metrics(workdir: str, step: int) -> None:
   if os.path.exists(path):
     with open(path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
-
-
-def _report(config, workdir, task, params, val, eval_batches) -> None:
-  """End of run: loss curve, validation vs the unigram baseline, sample generations."""
-  if jax.process_index() != 0:
-    return
-  png = metrics.plot_loss_curve(workdir, metrics.read_metrics(workdir))
-  unigram = pipeline.unigram_cross_entropy(config.data, eval_batches)
-  print(f"final validation loss {val['loss']:.4f} nats/token (perplexity "
-        f"{val['perplexity']:.1f}); unigram baseline fitted on the training split: "
-        f"{unigram:.4f} nats/token")
-  if png:
-    print(f"loss curve: {png}")
-  if config.sample.prompts and config.sample.max_new_tokens > 0:
-    from jaxft import generate
-    from jaxft.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(config.data.tokenizer or None)
-    prompts = [tok.encode(p) for p in config.sample.prompts]
-    outs = generate.generate(task.model, _host(params), prompts,
-                             max_new_tokens=config.sample.max_new_tokens,
-                             temperature=config.sample.temperature, top_k=config.sample.top_k,
-                             seed=config.seed, eos_id=tok.eos_id)
-    for prompt, out in zip(config.sample.prompts, outs):
-      print(f"--- sample ---\n{prompt}{tok.decode(out)}")
 
 
 def main(argv):

@@ -8,12 +8,13 @@ from flax import linen as nn
 
 from jaxft import tasks
 from jaxft.models.lm_loss import lm_head_cross_entropy
+from jaxft.tasks.causal_lm import token_cross_entropy
 from tests.helpers import random_batch, tiny_config
 
 
 def _plain(hidden, embedding, targets, mask):
   logits = jnp.einsum("btd,vd->btv", hidden, embedding)
-  losses = tasks.token_cross_entropy(logits, targets)
+  losses = token_cross_entropy(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets) * mask
   return jnp.sum(losses * mask), jnp.sum(correct)
 

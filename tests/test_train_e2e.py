@@ -33,7 +33,7 @@ def test_run_writes_everything_a_user_looks_at(tmp_path, capsys):
   assert "final validation loss" in out and "unigram baseline" in out
   assert out.count("--- sample ---") == len(config.sample.prompts)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # keep-N
-  saved_config, params = checkpoint.load_params(workdir)
+  saved_config, _, params = checkpoint.load_params(workdir)
   assert saved_config.num_steps == 6
   assert params["transformer"]["wte"]["embedding"].shape == (50257, 32)
 
@@ -80,8 +80,8 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path):
                  capture_output=True)
 
   assert _logged_losses(killed) == _logged_losses(straight)  # exact floats, every step
-  _, p_straight = checkpoint.load_params(straight)
-  _, p_killed = checkpoint.load_params(killed)
+  _, _, p_straight = checkpoint.load_params(straight)
+  _, _, p_killed = checkpoint.load_params(killed)
   import jax
   for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_killed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -103,7 +103,7 @@ def test_nonfinite_loss_halts_and_keeps_the_last_good_checkpoint(tmp_path, monke
                            r"step 4"):
     train.train_and_evaluate(config, workdir)
   assert checkpoint.Checkpointer(workdir, 3).latest_step() == 4
-  _, params = checkpoint.load_params(workdir)
+  _, _, params = checkpoint.load_params(workdir)
   import jax
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 

@@ -1,0 +1,107 @@
+"""Causal-LM pretraining: next-token prediction over packed rows of text (GPT-2)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxft.data import pipeline
+from jaxft.models.lm_loss import lm_head_cross_entropy
+from jaxft.tasks.base import Task
+
+
+def token_cross_entropy(logits, targets):
+  """Per-token -log p(target), softmax in float32. Shifted labels: no [B, T, V] slice copy."""
+  logits = logits.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return logz - target_logit
+
+
+class CausalLM(Task):
+  """Batches follow the packed-row contract of jaxft/data/pipeline.py."""
+
+  name = "causal_lm"
+  head = "causal_lm"
+
+  def __init__(self, config: ml_collections.ConfigDict, labels=None):
+    super().__init__(config, labels)
+    self.loss_chunk = config.get("lm_loss_chunk", 0)
+    if config.seq_len > self.model_cfg.n_positions:
+      raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.n_positions="
+                       f"{self.model_cfg.n_positions}; lower seq_len or raise n_positions")
+
+  def init(self, rng, seq_len: int):
+    """Boxed (logically partitioned) variables for a [1, seq_len] dummy batch."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return self.model.init(rng, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))
+
+  def _forward(self, params, batch, rng, deterministic, method="__call__"):
+    return self.model.apply(
+        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+        deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
+        method=method)
+
+  def loss(self, params, batch, rng, deterministic: bool = False):
+    """(sum of masked token losses, aux sums). The step divides by the global token count."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    tokens = jnp.sum(mask)
+    if self.loss_chunk:  # fused LM head + softmax over sequence chunks (jaxft/models/lm_loss.py)
+      hidden = self._forward(params, batch, rng, deterministic, method="hidden")
+      embedding = self.model.apply({"params": params}, method="embedding")
+      loss_sum, correct = lm_head_cross_entropy(hidden, embedding, batch["targets"], mask,
+                                                chunk=self.loss_chunk)
+      return loss_sum, {"weight": tokens, "tokens": tokens, "correct": correct}
+    logits = self._forward(params, batch, rng, deterministic)
+    losses = token_cross_entropy(logits, batch["targets"])
+    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    return jnp.sum(losses * mask), {"weight": tokens, "tokens": tokens,
+                                    "correct": jnp.sum(correct * mask)}
+
+  # -- data ------------------------------------------------------------------------------------
+
+  def train_iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
+    c = self.config
+    return pipeline.train_iterator(c.data, seq_len=c.seq_len, global_batch_size=c.batch_size,
+                                   seed=seed, process_index=process_index,
+                                   process_count=process_count)
+
+  def eval_batches(self, split: str = "validation", process_index: int = 0,
+                   process_count: int = 1):
+    c = self.config
+    return pipeline.eval_batches(c.data, seq_len=c.seq_len, global_batch_size=c.batch_size,
+                                 max_batches=c.eval_batches or None,
+                                 process_index=process_index, process_count=process_count)
+
+  # -- evaluation ------------------------------------------------------------------------------
+
+  def eval_outputs(self, params, batch):
+    loss_sum, aux = self.loss(params, batch, None, deterministic=True)
+    return {"loss_sum": loss_sum, **aux}
+
+  def summarize(self, outputs, split: str = "validation") -> dict[str, float]:
+    sums = jax.tree.map(lambda *x: np.sum(x), *outputs)
+    tokens = max(float(sums["tokens"]), 1.0)
+    loss = float(sums["loss_sum"]) / tokens
+    return {"loss": loss, "perplexity": float(np.exp(loss)),
+            "accuracy": float(sums["correct"]) / tokens}
+
+  def finish(self, workdir: str, params, val: dict, eval_batches) -> None:
+    """Validation loss next to the unigram baseline, then sample generations."""
+    c = self.config
+    unigram = pipeline.unigram_cross_entropy(c.data, eval_batches)
+    print(f"final validation loss {val['loss']:.4f} nats/token (perplexity "
+          f"{val['perplexity']:.1f}); unigram baseline fitted on the training split: "
+          f"{unigram:.4f} nats/token")
+    if c.sample.prompts and c.sample.max_new_tokens > 0:
+      from jaxft import generate
+      from jaxft.data.tokenizer import load_tokenizer
+
+      tok = load_tokenizer(c.data.tokenizer or None)
+      prompts = [tok.encode(p) for p in c.sample.prompts]
+      outs = generate.generate(self.model, params, prompts,
+                               max_new_tokens=c.sample.max_new_tokens,
+                               temperature=c.sample.temperature, top_k=c.sample.top_k,
+                               seed=c.seed, eos_id=tok.eos_id)
+      for prompt, out in zip(c.sample.prompts, outs):
+        print(f"--- sample ---\n{prompt}{tok.decode(out)}")
