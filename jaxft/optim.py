@@ -1,4 +1,4 @@
-"""The optax chain: warmup + cosine schedule, AdamW with a weight-decay mask, clipping."""
+"""The optax chain: warmup + cosine or linear schedule, AdamW with a weight-decay mask, clipping."""
 
 import re
 
@@ -7,8 +7,17 @@ import optax
 
 
 def lr_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to lr, then cosine decay to lr * min_lr_ratio at num_steps."""
-  warmup = min(int(optim_cfg.warmup_steps), max(num_steps - 1, 0))
+  """Linear warmup from 0 to lr (warmup_steps, or warmup_fraction of num_steps), then cosine
+  decay to lr * min_lr_ratio at num_steps, or (schedule "linear", BERT's) linear decay to 0."""
+  warmup = int(optim_cfg.warmup_steps) or int(optim_cfg.get("warmup_fraction", 0) * num_steps)
+  warmup = min(warmup, max(num_steps - 1, 0))
+  kind = optim_cfg.get("schedule", "cosine")
+  if kind == "linear":
+    return optax.join_schedules([
+        optax.linear_schedule(0.0, optim_cfg.lr, warmup),
+        optax.linear_schedule(optim_cfg.lr, 0.0, max(num_steps - warmup, 1))], [warmup])
+  if kind != "cosine":
+    raise ValueError(f"config.optim.schedule={kind!r} is unknown; use 'cosine' or 'linear'")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
       decay_steps=max(num_steps, warmup + 1), end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)

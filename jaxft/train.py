@@ -166,6 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_batches = task.eval_batches("validation", **proc)
   num_steps = _num_steps(config, task)
   eval_every = _eval_every(config, task)
+  checkpoint_every = int(config.checkpoint_every) or eval_every
   tx, schedule = optim.make_optimizer(config.optim, num_steps)
   if task.labels and jax.process_index() == 0:
     with open(os.path.join(workdir, checkpoint.LABELS_FILE), "w") as f:
@@ -268,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   + (f"; no {tracker.metric} gain in {tracker.bad_evals} evaluations: early stop"
                      if stopped else ""))
         t_last = time.perf_counter()  # evaluation time is not training throughput
-      if done % config.checkpoint_every == 0 or is_last or stopped:
+      if done % checkpoint_every == 0 or is_last or stopped:
         flush(done)  # never save past a non-finite loss
         ckpt.save(done, state, train_iter, {"step": done, "val": val, "stopped": stopped,
                                             "early_stopping": tracker.state(),
@@ -287,7 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if tracker.best_step is not None and tracker.best_step != int(jax.device_get(state.step)):
     log.info("best %s %.4f at step %d: reporting with those params", tracker.metric,
              tracker.best, tracker.best_step)
-    final_params = best_ckpt.restore(shardings.params)
+    abstract = state_lib.abstract_state(task, tx, seq_len=config.seq_len, shardings=shardings)
+    final_params = best_ckpt.restore(abstract.params)
     val, _ = evaluate(eval_step, final_params, eval_batches, batch_sh, task)
   report_split = task.report_split()
   if report_split:

@@ -1,0 +1,95 @@
+"""Sequence classification (BERT's pooled [CLS], or GPT-2's last token): one label per text.
+
+Metrics: loss, accuracy, macro/micro/weighted F1; the report is the per-class precision /
+recall / F1 / support table (jaxft/scoring.py).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+
+from jaxft import scoring
+from jaxft.tasks.labeled import LabeledTask
+
+
+def cross_entropy(logits, labels):
+  """Per-row -log p(label), softmax in float32."""
+  logits = logits.astype(jnp.float32)
+  return (jax.nn.logsumexp(logits, axis=-1)
+          - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0])
+
+
+def encode_texts(tokenizer, texts: list[str], max_len: int, family: str) -> dict[str, np.ndarray]:
+  """Texts -> inputs / segment_ids / token_types [N, max_len], truncated and right-padded.
+
+  BERT: [CLS] text [SEP] through the tokenizer's own post-processor (truncation keeps room for
+  the special tokens). GPT-2: the text's tokens alone (the classifier reads the last one).
+  """
+  tok = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())  # never mutate the shared one
+  tok.enable_truncation(max_len)
+  encodings = tok.encode_batch(texts, add_special_tokens=family == "bert")
+  pad = (tokenizer.special_id("pad_token") if "pad_token" in tokenizer.special
+         else tokenizer.eos_id or 0)
+  out = {"inputs": np.full((len(texts), max_len), pad, np.int32),
+         "segment_ids": np.zeros((len(texts), max_len), np.int32),
+         "token_types": np.zeros((len(texts), max_len), np.int32)}
+  for i, e in enumerate(encodings):
+    n = len(e.ids)
+    out["inputs"][i, :n] = e.ids
+    out["segment_ids"][i, :n] = 1
+    out["token_types"][i, :n] = e.type_ids
+  return out
+
+
+class SequenceClassification(LabeledTask):
+  name = "classification"
+  head = "classification"
+  kind = "classification"
+  has_labels = True
+  default_metric = ("accuracy", "max")
+  batch_keys = ("labels",)
+
+  def label_values(self, example):
+    return [example["label"]]
+
+  def featurize(self, examples, split: str, with_labels: bool = True):
+    examples = list(examples)
+    family = self.config.model.get("family", "gpt2")
+    out = encode_texts(self.tokenizer, [e["text"] for e in examples], self.max_len, family)
+    out["labels"] = np.asarray(
+        [self.label_id(e["label"], split, i) if with_labels else 0
+         for i, e in enumerate(examples)], np.int32)
+    return out
+
+  def loss(self, params, batch, rng, deterministic: bool = False):
+    logits = self.logits(params, batch, rng, deterministic)
+    mask = batch["example_mask"]
+    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+    return (jnp.sum(cross_entropy(logits, batch["labels"]) * mask),
+            {"weight": jnp.sum(mask), "tokens": jnp.sum(batch["segment_ids"] > 0),
+             "correct": jnp.sum(correct * mask)})
+
+  def eval_outputs(self, params, batch):
+    logits = self.logits(params, batch)
+    mask = batch["example_mask"]
+    return {"logits": logits.astype(jnp.float32), "weight": jnp.sum(mask),
+            "loss_sum": jnp.sum(cross_entropy(logits, batch["labels"]) * mask)}
+
+  def _predictions(self, outputs, split):
+    y_true = self.features(split)["labels"]
+    y_pred = np.argmax(self.gather(outputs, "logits", len(y_true)), axis=-1)
+    return y_true, y_pred
+
+  def summarize(self, outputs, split: str = "validation") -> dict[str, float]:
+    y_true, y_pred = self._predictions(outputs, split)
+    report = scoring.classification_report(y_true, y_pred, self.labels)
+    return {"loss": self.mean_loss(outputs), "accuracy": report["accuracy"],
+            "macro_f1": report["macro"]["f1"], "micro_f1": report["micro"]["f1"],
+            "weighted_f1": report["weighted"]["f1"]}
+
+  def report(self, outputs, split: str):
+    y_true, y_pred = self._predictions(outputs, split)
+    report = scoring.classification_report(y_true, y_pred, self.labels)
+    report["loss"] = self.mean_loss(outputs)
+    return scoring.format_classification_report(report), report

@@ -1,0 +1,175 @@
+"""What the fine-tuning tasks (classification, NER, QA) share: labelled splits from the TFDS
+builder (jaxft/data/labeled.py), the label set, featurised splits held as arrays, a grain
+training iterator over them and fixed-shape evaluation batches.
+
+A split is featurised once into a dict of [N, ...] arrays (tokenising a few thousand examples
+with the Rust tokenizer takes well under a second); grain shuffles its rows every epoch and the
+iterator state is checkpointed with the model, as for pretraining. Evaluation batches keep the
+split's order and pad the last batch with rows whose example_mask is 0.
+"""
+
+import functools
+
+import grain
+import ml_collections
+import numpy as np
+
+from jaxft.data import labeled
+from jaxft.data.tokenizer import load_tokenizer
+from jaxft.tasks.base import Task
+
+
+class ArrayRows:
+  """Random-access rows of a dict of equally long arrays (a grain MapDataset source)."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self._arrays = arrays
+    self._n = len(next(iter(arrays.values())))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i):
+    return {k: v[i] for k, v in self._arrays.items()}
+
+
+def _rows_of_process(batch: dict[str, np.ndarray], keep: slice) -> dict[str, np.ndarray]:
+  return {k: v[keep] for k, v in batch.items()}
+
+
+def process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+  if global_batch_size % process_count:
+    raise ValueError(f"config.batch_size={global_batch_size} must divide by the number of JAX "
+                     f"processes ({process_count})")
+  per = global_batch_size // process_count
+  return slice(process_index * per, (process_index + 1) * per)
+
+
+class LabeledTask(Task):
+  kind = ""  # the jaxft.data.labeled kind: "classification" | "ner" | "qa"
+  # Keys of a featurised split that go to the device; the rest stay on the host for scoring.
+  batch_keys: tuple[str, ...] = ()
+
+  def __init__(self, config: ml_collections.ConfigDict, labels: list[str] | None = None):
+    self.config = config
+    if self.has_labels and labels is None:
+      labels = self._label_set()
+    super().__init__(config, labels)
+    if self.has_labels:
+      self.label_ids = {name: i for i, name in enumerate(self.labels)}
+    self.max_len = int(config.seq_len)
+    self._features: dict[str, dict[str, np.ndarray]] = {}
+
+  @functools.cached_property
+  def tokenizer(self):
+    if not self.config.data.tokenizer:
+      raise ValueError(f"config.data.tokenizer is empty: {self.name} needs the model's own "
+                       "tokenizer; set config.init_from to a Hugging Face model directory "
+                       "with tokenizer files, or config.data.tokenizer to one")
+    return load_tokenizer(self.config.data.tokenizer)
+
+  @functools.cached_property
+  def splits(self):
+    return labeled.load_splits(self.config.data, self.kind)
+
+  # -- labels ----------------------------------------------------------------------------------
+
+  def label_values(self, example: dict) -> list[str]:
+    """The label strings an example carries (one for classification, one per word for NER)."""
+    raise NotImplementedError
+
+  def _label_set(self) -> list[str]:
+    """config.data.labels (comma-separated, in id order), else the sorted training labels."""
+    given = self.config.data.get("labels", "")
+    if given:
+      names = [n.strip() for n in given.split(",") if n.strip()]
+      if len(set(names)) != len(names):
+        raise ValueError(f"config.data.labels={given!r} repeats a label")
+      return names
+    return sorted({v for ex in self.splits["train"] for v in self.label_values(ex)})
+
+  def label_id(self, value: str, split: str, index: int) -> int:
+    if value not in self.label_ids:
+      source = ("config.data.labels" if self.config.data.get("labels", "")
+                else "the labels of the training split")
+      raise ValueError(f"{split} example {index} has label {value!r}, which is not in the label "
+                       f"set {self.labels} ({source}); add it to config.data.labels or fix the "
+                       "data")
+    return self.label_ids[value]
+
+  # -- features --------------------------------------------------------------------------------
+
+  def featurize(self, examples, split: str) -> dict[str, np.ndarray]:
+    """Examples of one split -> dict of [N, ...] arrays (incl. batch_keys)."""
+    raise NotImplementedError
+
+  def features(self, split: str) -> dict[str, np.ndarray]:
+    if split not in self._features:
+      if split not in self.splits:
+        raise ValueError(f"unknown split {split!r}; the splits are {list(self.splits)}")
+      f = self.featurize(self.splits[split], split)
+      f["example_mask"] = np.ones((len(f["inputs"]),), np.float32)
+      f["positions"] = np.broadcast_to(np.arange(self.max_len, dtype=np.int32),
+                                       f["inputs"].shape).copy()
+      self._features[split] = f
+    return self._features[split]
+
+  def _device_arrays(self, split: str) -> dict[str, np.ndarray]:
+    f = self.features(split)
+    keys = ("inputs", "segment_ids", "token_types", "positions", "example_mask", *self.batch_keys)
+    return {k: f[k] for k in keys}
+
+  def num_train_examples(self) -> int:
+    return len(self.features("train")["inputs"])
+
+  def report_split(self) -> str:
+    return "test"
+
+  def train_iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
+    """Endless, checkpointable: a seeded shuffle of the training rows, new every epoch."""
+    keep = process_rows(self.config.batch_size, process_index, process_count)
+    ds = (grain.MapDataset.source(ArrayRows(self._device_arrays("train")))
+          .shuffle(seed=seed)
+          .repeat(None)
+          .batch(self.config.batch_size, drop_remainder=True)
+          .map(functools.partial(_rows_of_process, keep=keep)))
+    return iter(ds.to_iter_dataset())
+
+  def eval_batches(self, split: str = "validation", process_index: int = 0,
+                   process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """The split in order, in batches of config.eval_batch_size (or batch_size) rows."""
+    arrays = self._device_arrays(split)
+    size = int(self.config.get("eval_batch_size", 0) or self.config.batch_size)
+    keep = process_rows(size, process_index, process_count)
+    n = len(arrays["inputs"])
+    batches = []
+    for start in range(0, n, size):
+      batch = {k: v[start:start + size] for k, v in arrays.items()}
+      short = size - len(batch["inputs"])
+      if short:  # padding rows: example_mask 0, no real tokens
+        batch = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)])
+                 for k, v in batch.items()}
+      batches.append(_rows_of_process(batch, keep))
+    return batches
+
+  # -- evaluation helpers ----------------------------------------------------------------------
+
+  def logits(self, params, batch, rng=None, deterministic=True):
+    return self.model.apply(
+        {"params": params}, batch["inputs"], batch["segment_ids"], batch["token_types"],
+        batch["positions"], deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng})
+
+  def finish(self, workdir, params, val, eval_batches) -> None:
+    print(f"validation (best params): {', '.join(f'{k} {v:.4f}' for k, v in val.items())}")
+
+  @staticmethod
+  def gather(outputs, key: str, n: int) -> np.ndarray:
+    """The first n rows (the split's real examples) of output `key` over all batches."""
+    return np.concatenate([o[key] for o in outputs])[:n]
+
+  @staticmethod
+  def mean_loss(outputs) -> float:
+    total = sum(float(o["loss_sum"]) for o in outputs)
+    weight = sum(float(o["weight"]) for o in outputs)
+    return total / max(weight, 1.0)

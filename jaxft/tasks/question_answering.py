@@ -1,0 +1,74 @@
+"""Extractive QA (SQuAD v1.1 / v2.0): start/end logits over context tokens.
+
+Long contexts are cut into doc-stride windows (jaxft/data/qa_features.py); training rows are
+windows, labelled with the answer's token span, or [CLS] when the answer is not inside the
+window. Evaluation scores every window, picks each question's best span across its windows,
+maps it back to characters of the original context and scores it with the official SQuAD EM/F1
+against all gold answers.
+"""
+
+import jax.numpy as jnp
+
+from jaxft import scoring
+from jaxft.data import qa_features
+from jaxft.tasks.classification import cross_entropy
+from jaxft.tasks.labeled import LabeledTask
+
+
+class QuestionAnswering(LabeledTask):
+  name = "question_answering"
+  head = "question_answering"
+  kind = "qa"
+  has_labels = False
+  default_metric = ("f1", "max")
+  batch_keys = ("start_positions", "end_positions")
+
+  def featurize(self, examples, split: str):
+    d = self.config.data
+    return qa_features.featurize_qa(list(examples), self.tokenizer, self.max_len,
+                                    doc_stride=int(d.doc_stride),
+                                    max_question_len=int(d.max_question_len), train=True)
+
+  def _loss_sum(self, start, end, batch):
+    # HF's BertForQuestionAnswering: the mean of the start and end cross-entropies.
+    per_row = 0.5 * (cross_entropy(start, batch["start_positions"])
+                     + cross_entropy(end, batch["end_positions"]))
+    return jnp.sum(per_row * batch["example_mask"])
+
+  def loss(self, params, batch, rng, deterministic: bool = False):
+    start, end = self.logits(params, batch, rng, deterministic)
+    mask = batch["example_mask"]
+    correct = ((jnp.argmax(start, -1) == batch["start_positions"])
+               & (jnp.argmax(end, -1) == batch["end_positions"])).astype(jnp.float32)
+    return self._loss_sum(start, end, batch), {
+        "weight": jnp.sum(mask), "tokens": jnp.sum(batch["segment_ids"] > 0),
+        "correct": jnp.sum(correct * mask)}
+
+  def eval_outputs(self, params, batch):
+    start, end = self.logits(params, batch)
+    return {"start": start, "end": end, "loss_sum": self._loss_sum(start, end, batch),
+            "weight": jnp.sum(batch["example_mask"])}
+
+  def predictions(self, outputs, split: str) -> dict[str, dict]:
+    features = self.features(split)
+    n = len(features["inputs"])
+    examples = list(self.splits[split])
+    return qa_features.postprocess_qa(
+        examples, features, self.gather(outputs, "start", n), self.gather(outputs, "end", n),
+        max_answer_len=int(self.config.data.max_answer_len),
+        version_2=bool(self.config.data.version_2_with_negative))
+
+  def _scores(self, outputs, split):
+    predicted = {k: v["text"] for k, v in self.predictions(outputs, split).items()}
+    return scoring.squad_scores(predicted, qa_features.references(list(self.splits[split])))
+
+  def summarize(self, outputs, split: str = "validation") -> dict[str, float]:
+    scores = self._scores(outputs, split)
+    return {"loss": self.mean_loss(outputs), "exact_match": scores["exact_match"],
+            "f1": scores["f1"]}
+
+  def report(self, outputs, split: str):
+    scores = self._scores(outputs, split)
+    scores["loss"] = self.mean_loss(outputs)
+    return "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+                     for k, v in scores.items()), scores

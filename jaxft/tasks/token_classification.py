@@ -1,0 +1,112 @@
+"""Token classification (NER): one BIO tag per word, predicted at the word's first sub-token.
+
+Words are tokenised as pre-split words (the tokenizer's `is_pretokenized` mode), so each
+sub-token knows its word; only a word's first sub-token carries a label (the rest, [CLS], [SEP]
+and padding are masked out of the loss), as in BERT's CoNLL-2003 recipe. Scoring is at word
+level with conlleval semantics (jaxft/scoring.py): a word cut off by seq_len is predicted "O"
+and still counts, so the score is over every gold entity of the split.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import tokenizers
+
+from jaxft import scoring
+from jaxft.tasks.classification import cross_entropy
+from jaxft.tasks.labeled import LabeledTask
+
+OUTSIDE = "O"
+
+
+def encode_words(tokenizer, sentences: list[list[str]], max_len: int) -> dict[str, np.ndarray]:
+  """Pre-split words -> inputs / segment_ids / token_types [N, T] and first_token [N, T]: the
+  word index at a word's first sub-token, -1 elsewhere."""
+  tok = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())  # never mutate the shared one
+  tok.enable_truncation(max_len)
+  encodings = tok.encode_batch(sentences, is_pretokenized=True, add_special_tokens=True)
+  n = len(sentences)
+  out = {"inputs": np.full((n, max_len), tokenizer.special_id("pad_token"), np.int32),
+         "segment_ids": np.zeros((n, max_len), np.int32),
+         "token_types": np.zeros((n, max_len), np.int32),
+         "first_token": np.full((n, max_len), -1, np.int32)}
+  for i, e in enumerate(encodings):
+    length = len(e.ids)
+    out["inputs"][i, :length] = e.ids
+    out["segment_ids"][i, :length] = 1
+    out["token_types"][i, :length] = e.type_ids
+    previous = None
+    for t, w in enumerate(e.word_ids):
+      if w is not None and w != previous:
+        out["first_token"][i, t] = w
+      previous = w
+  return out
+
+
+def word_tags(first_token: np.ndarray, predictions: np.ndarray, n_words: int,
+              labels: list[str]) -> list[str]:
+  """A row's predicted tag ids at first sub-tokens -> one tag per word ("O" if truncated)."""
+  tags = [OUTSIDE] * n_words
+  for t in np.nonzero(first_token >= 0)[0]:
+    tags[first_token[t]] = labels[predictions[t]]
+  return tags
+
+
+class TokenClassification(LabeledTask):
+  name = "token_classification"
+  head = "token_classification"
+  kind = "ner"
+  has_labels = True
+  default_metric = ("f1", "max")
+  batch_keys = ("labels", "label_mask")
+
+  def label_values(self, example):
+    return example["tags"]
+
+  def featurize(self, examples, split: str, with_labels: bool = True):
+    examples = list(examples)
+    out = encode_words(self.tokenizer, [e["tokens"] for e in examples], self.max_len)
+    out["labels"] = np.zeros_like(out["inputs"])
+    out["label_mask"] = (out["first_token"] >= 0).astype(np.float32)
+    if with_labels:
+      for i, e in enumerate(examples):
+        ids = [self.label_id(tag, split, i) for tag in e["tags"]]
+        first = out["first_token"][i]
+        out["labels"][i] = np.where(first >= 0, np.asarray(ids + [0])[first], 0)
+    return out
+
+  def _loss_terms(self, logits, batch):
+    mask = batch["label_mask"] * batch["example_mask"][:, None]
+    loss_sum = jnp.sum(cross_entropy(logits, batch["labels"]) * mask)
+    return loss_sum, mask
+
+  def loss(self, params, batch, rng, deterministic: bool = False):
+    logits = self.logits(params, batch, rng, deterministic)
+    loss_sum, mask = self._loss_terms(logits, batch)
+    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
+    return loss_sum, {"weight": jnp.sum(mask), "tokens": jnp.sum(batch["segment_ids"] > 0),
+                      "correct": jnp.sum(correct * mask)}
+
+  def eval_outputs(self, params, batch):
+    logits = self.logits(params, batch)
+    loss_sum, mask = self._loss_terms(logits, batch)
+    return {"predictions": jnp.argmax(logits, -1).astype(jnp.int32), "loss_sum": loss_sum,
+            "weight": jnp.sum(mask)}
+
+  def _tags(self, outputs, split):
+    examples = self.splits[split]
+    first = self.features(split)["first_token"]
+    predictions = self.gather(outputs, "predictions", len(first))
+    gold = [examples[i]["tags"] for i in range(len(first))]
+    pred = [word_tags(first[i], predictions[i], len(gold[i]), self.labels)
+            for i in range(len(first))]
+    return gold, pred
+
+  def summarize(self, outputs, split: str = "validation") -> dict[str, float]:
+    scores = scoring.entity_scores(*self._tags(outputs, split))
+    return {"loss": self.mean_loss(outputs), "precision": scores["precision"],
+            "recall": scores["recall"], "f1": scores["f1"], "accuracy": scores["accuracy"]}
+
+  def report(self, outputs, split: str):
+    scores = scoring.entity_scores(*self._tags(outputs, split))
+    scores["loss"] = self.mean_loss(outputs)
+    return scoring.format_entity_report(scores), scores
