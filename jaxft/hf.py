@@ -376,3 +376,22 @@ def save_hf(out_dir: str, params: Mapping, cfg, tokenizer=None,
             metadata={"format": "pt"})  # as transformers writes; older releases require it
   if tokenizer is not None:
     tokenizer.save(out_dir)
+
+
+def apply_init_from(config):
+  """With config.init_from, the architecture (config.model) comes from its config.json and the
+  tokenizer from the directory, unless config.data.tokenizer names one."""
+  if not config.init_from:
+    return config
+  from jaxft.data.tokenizer import has_tokenizer
+
+  overrides = model_overrides(read_hf_config(config.init_from))
+  changed = {k: (config.model.get(k), v) for k, v in overrides.items()
+             if config.model.get(k) != v}
+  if changed:
+    log.info("init_from %s sets config.model fields: %s", config.init_from, changed)
+  with config.unlocked():
+    config.model.update(overrides)
+    if not config.data.tokenizer and has_tokenizer(config.init_from):
+      config.data.tokenizer = config.init_from
+  return config

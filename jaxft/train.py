@@ -21,7 +21,7 @@ from absl import logging as absl_logging
 from flax import linen as nn
 from ml_collections import config_flags
 
-from jaxft import checkpoint, metrics, optim, sharding, steps, tasks
+from jaxft import checkpoint, hf, metrics, optim, reports, sharding, steps, tasks
 from jaxft import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:variant].",
@@ -33,25 +33,6 @@ log = logging.getLogger("jaxft")
 
 class NonFiniteLossError(RuntimeError):
   pass
-
-
-def apply_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """With config.init_from, the architecture comes from the HF config.json."""
-  if not config.init_from:
-    return config
-  from jaxft import hf
-  from jaxft.data.tokenizer import has_tokenizer
-
-  overrides = hf.model_overrides(hf.read_hf_config(config.init_from))
-  changed = {k: (config.model.get(k), v) for k, v in overrides.items()
-             if config.model.get(k) != v}
-  if changed:
-    log.info("init_from %s sets config.model fields: %s", config.init_from, changed)
-  with config.unlocked():
-    config.model.update(overrides)
-    if not config.data.tokenizer and has_tokenizer(config.init_from):
-      config.data.tokenizer = config.init_from
-  return config
 
 
 def _check_vocab(config) -> None:
@@ -149,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (or resumes) to config.num_steps (or early stopping); returns the final validation
   metrics (of the best checkpoint's params when the task reports on a test split)."""
   os.makedirs(workdir, exist_ok=True)
-  config = apply_init_from(config)
+  config = hf.apply_init_from(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(config.batch_size, config.grad_accum_steps, mesh,
                                  config.axis_rules)
@@ -174,8 +155,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   init_params = None
   if latest is None and config.init_from:
-    from jaxft import hf
-
     init_fn = lambda: nn.unbox(task.init(jax.random.key(config.seed),  # noqa: E731
                                          config.seq_len))["params"]
     init_params = hf.load_params(config.init_from, jax.eval_shape(init_fn), task.architecture,
@@ -295,25 +274,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if report_split:
     batches = task.eval_batches(report_split, **proc)
     _, outputs = evaluate(eval_step, final_params, batches, batch_sh, task, report_split)
-    write_report(task, outputs, report_split, workdir)
+    reports.write_report(task, outputs, report_split, workdir)
   if jax.process_index() == 0:
     png = metrics.plot_loss_curve(workdir, metrics.read_metrics(workdir))
     task.finish(workdir, _host(final_params), val, eval_batches)
     if png:
       print(f"loss curve: {png}")
   return val
-
-
-def write_report(task, outputs, split: str, workdir: str) -> dict:
-  """Prints the task's detailed report of `split` and saves it as report_{split}.json."""
-  text, data = task.report(outputs, split)
-  if jax.process_index() == 0:
-    print(f"=== {split} ===\n{text}")
-    path = os.path.join(workdir, f"report_{split}.json")
-    with open(path, "w") as f:
-      json.dump(data, f, indent=2)
-    print(f"report: {path}")
-  return data
 
 
 def _truncate_metrics(workdir: str, step: int) -> None:

@@ -160,7 +160,8 @@ def featurize_qa(examples: Sequence[Mapping], tokenizer: Tokenizer, max_len: int
     raise ValueError(f"doc_stride={doc_stride} must be >= 0")
   _check_unique_ids(examples)
   for ex in examples:
-    _check_example(ex)
+    if train or "answers" in ex:  # unlabelled questions (jaxft.predict) carry no answers
+      _check_example(ex)
   cls_id, pad_id = tokenizer.special_id("cls_token"), tokenizer.special_id("pad_token")
 
   # A private copy: truncation settings on the shared backend would change every other user's

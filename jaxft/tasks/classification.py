@@ -62,6 +62,17 @@ class SequenceClassification(LabeledTask):
          for i, e in enumerate(examples)], np.int32)
     return out
 
+  def prediction_inputs(self, records):
+    return [{"text": r["text"]} for r in records]
+
+  def predictions(self, examples, features, outputs):
+    logits = self.gather(outputs, "logits", len(examples))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return [{"text": e["text"], "label": self.labels[int(np.argmax(p))],
+             "probabilities": {name: round(float(q), 6) for name, q in zip(self.labels, p)}}
+            for e, p in zip(examples, probs)]
+
   def loss(self, params, batch, rng, deterministic: bool = False):
     logits = self.logits(params, batch, rng, deterministic)
     mask = batch["example_mask"]

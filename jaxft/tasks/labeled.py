@@ -99,23 +99,36 @@ class LabeledTask(Task):
 
   # -- features --------------------------------------------------------------------------------
 
-  def featurize(self, examples, split: str) -> dict[str, np.ndarray]:
-    """Examples of one split -> dict of [N, ...] arrays (incl. batch_keys)."""
+  def featurize(self, examples, split: str, with_labels: bool = True) -> dict[str, np.ndarray]:
+    """Examples of one split -> dict of [N, ...] arrays (incl. batch_keys; without labels the
+    label arrays are zeros, for jaxft.predict)."""
+    raise NotImplementedError
+
+  # -- prediction (jaxft.predict) --------------------------------------------------------------
+
+  def prediction_inputs(self, records: list[dict]) -> list[dict]:
+    """Raw input records ({"text"} or, for QA, {"question", "context"}) -> examples."""
+    raise NotImplementedError
+
+  def predictions(self, examples, features, outputs) -> list[dict]:
+    """One JSON-able prediction per example, from eval_outputs over `features`."""
     raise NotImplementedError
 
   def features(self, split: str) -> dict[str, np.ndarray]:
     if split not in self._features:
       if split not in self.splits:
         raise ValueError(f"unknown split {split!r}; the splits are {list(self.splits)}")
-      f = self.featurize(self.splits[split], split)
-      f["example_mask"] = np.ones((len(f["inputs"]),), np.float32)
-      f["positions"] = np.broadcast_to(np.arange(self.max_len, dtype=np.int32),
-                                       f["inputs"].shape).copy()
-      self._features[split] = f
+      self._features[split] = self.complete(self.featurize(self.splits[split], split))
     return self._features[split]
 
-  def _device_arrays(self, split: str) -> dict[str, np.ndarray]:
-    f = self.features(split)
+  def complete(self, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Adds what every featurised split has: example_mask (1 = real row) and positions."""
+    f["example_mask"] = np.ones((len(f["inputs"]),), np.float32)
+    f["positions"] = np.broadcast_to(np.arange(self.max_len, dtype=np.int32),
+                                     f["inputs"].shape).copy()
+    return f
+
+  def device_arrays(self, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     keys = ("inputs", "segment_ids", "token_types", "positions", "example_mask", *self.batch_keys)
     return {k: f[k] for k in keys}
 
@@ -128,7 +141,7 @@ class LabeledTask(Task):
   def train_iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
     """Endless, checkpointable: a seeded shuffle of the training rows, new every epoch."""
     keep = process_rows(self.config.batch_size, process_index, process_count)
-    ds = (grain.MapDataset.source(ArrayRows(self._device_arrays("train")))
+    ds = (grain.MapDataset.source(ArrayRows(self.device_arrays(self.features("train"))))
           .shuffle(seed=seed)
           .repeat(None)
           .batch(self.config.batch_size, drop_remainder=True)
@@ -138,19 +151,23 @@ class LabeledTask(Task):
   def eval_batches(self, split: str = "validation", process_index: int = 0,
                    process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """The split in order, in batches of config.eval_batch_size (or batch_size) rows."""
-    arrays = self._device_arrays(split)
+    return self.batches(self.device_arrays(self.features(split)), process_index, process_count)
+
+  def batches(self, arrays: dict[str, np.ndarray], process_index: int = 0,
+              process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Fixed-shape batches in order; the last is padded with rows whose example_mask is 0."""
     size = int(self.config.get("eval_batch_size", 0) or self.config.batch_size)
     keep = process_rows(size, process_index, process_count)
     n = len(arrays["inputs"])
-    batches = []
+    out = []
     for start in range(0, n, size):
       batch = {k: v[start:start + size] for k, v in arrays.items()}
       short = size - len(batch["inputs"])
       if short:  # padding rows: example_mask 0, no real tokens
         batch = {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)])
                  for k, v in batch.items()}
-      batches.append(_rows_of_process(batch, keep))
-    return batches
+      out.append(_rows_of_process(batch, keep))
+    return out
 
   # -- evaluation helpers ----------------------------------------------------------------------
 

@@ -183,7 +183,12 @@ class MaskedLM(Task):
     special = jnp.isin(batch["inputs"], jnp.asarray(self.special_ids, jnp.int32))
     return (batch["segment_ids"] > 0) & ~special
 
-  def _eval_keys(self, batch):
+  def mask_keys(self, batch, rng):
+    """One masking key per row: from the step key (rng), or with rng None the fixed key of
+    each validation row (config.seed folded with its index in the split, so a row's mask does
+    not depend on which batch or process it lands in)."""
+    if rng is not None:
+      return jax.random.split(jax.random.fold_in(rng, 0), batch["inputs"].shape[0])
     if "row_index" not in batch:
       raise ValueError("masked_lm scores a batch without a step key only when it carries "
                        "row_index (validation batches do): pass an rng to loss()")
@@ -200,18 +205,13 @@ class MaskedLM(Task):
   def loss(self, params, batch, rng, deterministic: bool = False):
     """(sum of cross-entropy over the scored positions, aux sums). rng None: the fixed
     validation masks of batch["row_index"]."""
-    if rng is None:
-      keys, dropout_key = self._eval_keys(batch), None
-    else:
-      keys = jax.random.split(jax.random.fold_in(rng, 0), batch["inputs"].shape[0])
-      dropout_key = jax.random.fold_in(rng, 1)
-    if not deterministic and dropout_key is None:
+    if not deterministic and rng is None:
       raise ValueError("masked_lm training (deterministic=False) needs an rng for dropout")
-    inputs, positions, targets, weights = self.mask(batch, keys)
+    inputs, positions, targets, weights = self.mask(batch, self.mask_keys(batch, rng))
     logits = self.model.apply(
         {"params": params}, inputs, batch["segment_ids"], batch["token_types"],
         batch["positions"], positions, deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": dropout_key})  # [B, K, V]
+        rngs=None if deterministic else {"dropout": jax.random.fold_in(rng, 1)})  # [B, K, V]
     losses = token_cross_entropy(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return jnp.sum(losses * weights), {
@@ -305,7 +305,7 @@ class MaskedLM(Task):
   def scored_targets(self, batches) -> tuple[np.ndarray, np.ndarray]:
     """(targets, weights) of every position the validation pass scores: the same fixed-key
     masks eval_outputs draws, recomputed here."""
-    fn = jax.jit(lambda b: self.mask(b, self._eval_keys(b))[2:])
+    fn = jax.jit(lambda b: self.mask(b, self.mask_keys(b, None))[2:])
     out = [jax.device_get(fn({k: b[k] for k in ("inputs", "segment_ids", "row_index")}))
            for b in batches]
     return (np.concatenate([t for t, _ in out]).ravel(),
@@ -341,7 +341,7 @@ class MaskedLM(Task):
     if row["segment_ids"].sum() == 0:
       return
     inputs, positions, targets, weights = jax.device_get(
-        self.mask(row, self._eval_keys(row)))
+        self.mask(row, self.mask_keys(row, None)))
     logits = self.model.apply({"params": params}, inputs, row["segment_ids"],
                               row["token_types"], row["positions"], positions)
     predicted = np.asarray(jnp.argmax(logits, axis=-1))[0]

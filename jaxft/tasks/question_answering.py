@@ -8,6 +8,7 @@ against all gold answers.
 """
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxft import scoring
 from jaxft.data import qa_features
@@ -23,11 +24,31 @@ class QuestionAnswering(LabeledTask):
   default_metric = ("f1", "max")
   batch_keys = ("start_positions", "end_positions")
 
-  def featurize(self, examples, split: str):
+  def featurize(self, examples, split: str, with_labels: bool = True):
     d = self.config.data
-    return qa_features.featurize_qa(list(examples), self.tokenizer, self.max_len,
-                                    doc_stride=int(d.doc_stride),
-                                    max_question_len=int(d.max_question_len), train=True)
+    out = qa_features.featurize_qa(list(examples), self.tokenizer, self.max_len,
+                                   doc_stride=int(d.doc_stride),
+                                   max_question_len=int(d.max_question_len), train=with_labels)
+    for key in self.batch_keys:  # unlabelled questions: the loss terms are ignored
+      out.setdefault(key, np.zeros((len(out["inputs"]),), np.int32))
+    return out
+
+  def prediction_inputs(self, records):
+    return [{"id": str(r.get("id", i)), "question": r["question"], "context": r["context"]}
+            for i, r in enumerate(records)]
+
+  def predictions(self, examples, features, outputs):
+    answers = self._answers(examples, features, outputs)
+    return [{"id": e["id"], "question": e["question"], "answer": answers[e["id"]]["text"],
+             "start": answers[e["id"]]["start"], "end": answers[e["id"]]["end"],
+             "score": answers[e["id"]]["score"]} for e in examples]
+
+  def _answers(self, examples, features, outputs) -> dict[str, dict]:
+    n = len(features["inputs"])
+    return qa_features.postprocess_qa(
+        examples, features, self.gather(outputs, "start", n), self.gather(outputs, "end", n),
+        max_answer_len=int(self.config.data.max_answer_len),
+        version_2=bool(self.config.data.version_2_with_negative))
 
   def _loss_sum(self, start, end, batch):
     # HF's BertForQuestionAnswering: the mean of the start and end cross-entropies.
@@ -49,18 +70,11 @@ class QuestionAnswering(LabeledTask):
     return {"start": start, "end": end, "loss_sum": self._loss_sum(start, end, batch),
             "weight": jnp.sum(batch["example_mask"])}
 
-  def predictions(self, outputs, split: str) -> dict[str, dict]:
-    features = self.features(split)
-    n = len(features["inputs"])
-    examples = list(self.splits[split])
-    return qa_features.postprocess_qa(
-        examples, features, self.gather(outputs, "start", n), self.gather(outputs, "end", n),
-        max_answer_len=int(self.config.data.max_answer_len),
-        version_2=bool(self.config.data.version_2_with_negative))
-
   def _scores(self, outputs, split):
-    predicted = {k: v["text"] for k, v in self.predictions(outputs, split).items()}
-    return scoring.squad_scores(predicted, qa_features.references(list(self.splits[split])))
+    examples = list(self.splits[split])
+    answers = self._answers(examples, self.features(split), outputs)
+    predicted = {k: v["text"] for k, v in answers.items()}
+    return scoring.squad_scores(predicted, qa_features.references(examples))
 
   def summarize(self, outputs, split: str = "validation") -> dict[str, float]:
     scores = self._scores(outputs, split)

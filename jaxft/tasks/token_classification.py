@@ -7,6 +7,8 @@ level with conlleval semantics (jaxft/scoring.py): a word cut off by seq_len is 
 and still counts, so the score is over every gold entity of the split.
 """
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
@@ -73,6 +75,28 @@ class TokenClassification(LabeledTask):
         first = out["first_token"][i]
         out["labels"][i] = np.where(first >= 0, np.asarray(ids + [0])[first], 0)
     return out
+
+  def prediction_inputs(self, records):
+    """Raw text -> words split at whitespace (as WNUT / CoNLL text is), with their character
+    spans so that predicted entities map back onto the text."""
+    examples = []
+    for r in records:
+      words = list(re.finditer(r"\S+", r["text"]))
+      examples.append({"text": r["text"], "tokens": [w.group() for w in words],
+                       "spans": [w.span() for w in words]})
+    return examples
+
+  def predictions(self, examples, features, outputs):
+    predicted = self.gather(outputs, "predictions", len(examples))
+    rows = []
+    for i, e in enumerate(examples):
+      tags = word_tags(features["first_token"][i], predicted[i], len(e["tokens"]), self.labels)
+      entities = []
+      for kind, start, end in scoring.extract_entities(tags):
+        a, b = e["spans"][start][0], e["spans"][end - 1][1]
+        entities.append({"type": kind, "start": a, "end": b, "text": e["text"][a:b]})
+      rows.append({"text": e["text"], "entities": entities, "tags": tags})
+    return rows
 
   def _loss_terms(self, logits, batch):
     mask = batch["label_mask"] * batch["example_mask"][:, None]

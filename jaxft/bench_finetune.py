@@ -1,0 +1,96 @@
+"""Fine-tuning end to end, jaxft against the transformers (PyTorch) peer, in one run.
+
+    python -m jaxft.bench_finetune [--workdir runs/bench_bbc] [--peer PATH] [--skip_peer]
+
+Runs `python -m jaxft.train --config configs/finetune.py:bbc_news` (all-MiniLM-L6-v2, BBC News,
+3 epochs, batch 16, max_len 128, lr 1e-4, the reference's 80/10/10 split) and then the peer
+script (../shared/bench/torch_bbc_finetune_ref.py: the same model, data, split and recipe in
+transformers), one after the other on the same machine, and prints both: test accuracy, wall
+time (everything: data, compilation, evaluation) and trained tokens/s (non-padding tokens of
+the training batches over the training wall time). The last line is one JSON object.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/bench_bbc", "jaxft run directory (replaced)")
+_PEER = flags.DEFINE_string("peer", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                 "bench", "torch_bbc_finetune_ref.py"),
+                            "the transformers reference script")
+_SKIP_PEER = flags.DEFINE_boolean("skip_peer", False, "only run jaxft")
+
+
+def trained_tokens(task, num_steps: int, seed: int) -> int:
+  """Non-padding tokens of the batches the run trained on (replays its data iterator)."""
+  it = task.train_iterator(seed)
+  return int(sum((next(it)["segment_ids"] > 0).sum() for _ in range(num_steps)))
+
+
+def run_jaxft(workdir: str) -> dict:
+  import shutil
+
+  from configs import finetune
+  from jaxft import checkpoint, metrics, tasks, train
+
+  shutil.rmtree(workdir, ignore_errors=True)
+  config = finetune.get_config("bbc_news")
+  start = time.perf_counter()
+  train.train_and_evaluate(config, workdir)
+  wall = time.perf_counter() - start
+  with open(os.path.join(workdir, "report_test.json")) as f:
+    test = json.load(f)
+  records = metrics.read_metrics(workdir)
+  steps = max(r["step"] for r in records)
+  # Training time = the logged windows' tokens / tokens_per_s; the replay counts the tokens.
+  task = tasks.make_task(config, labels=checkpoint.load_labels(workdir))
+  tokens = trained_tokens(task, steps, config.data.shuffle_seed)
+  rates = [r["train/tokens_per_s"] for r in records if "train/tokens_per_s" in r]
+  return {"test_accuracy": test["accuracy"], "wall_s": wall, "steps": steps,
+          "trained_tokens": tokens, "tokens_per_s_train": sum(rates) / len(rates),
+          "tokens_per_s_wall": tokens / wall}
+
+
+def run_peer(script: str) -> dict:
+  from configs import finetune
+  from jaxft.data import labeled
+
+  bbc = labeled._bbc_root()  # the same files the built-in dataset reads
+  start = time.perf_counter()
+  out = subprocess.run([sys.executable, script, "--bbc", bbc, "--model", finetune.minilm_dir()],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+  wall = time.perf_counter() - start
+  if out.returncode:
+    raise RuntimeError(f"the peer script failed:\n{out.stderr[-3000:]}")
+  test = re.search(r"test_acc=([\d.]+) total_s=(\d+)", out.stdout)
+  rates = re.findall(r"train_tok/s=(\d+)", out.stdout)
+  return {"test_accuracy": float(test.group(1)), "wall_s": wall,
+          "tokens_per_s_wall": float(rates[-1]), "log": out.stdout}
+
+
+def main(argv):
+  del argv
+  ours = run_jaxft(_WORKDIR.value)
+  print(f"jaxft: test accuracy {ours['test_accuracy']:.4f}, {ours['wall_s']:.0f} s in all, "
+        f"{ours['tokens_per_s_train']:,.0f} trained tokens/s while training, "
+        f"{ours['tokens_per_s_wall']:,.0f} over the whole run")
+  result = {"jaxft": ours}
+  if not _SKIP_PEER.value:
+    peer = run_peer(os.path.abspath(_PEER.value))
+    print(peer.pop("log"), end="")
+    print(f"transformers (PyTorch): test accuracy {peer['test_accuracy']:.4f}, "
+          f"{peer['wall_s']:.0f} s in all, {peer['tokens_per_s_wall']:,.0f} trained tokens/s "
+          "over the run (its own count)")
+    print(f"jaxft / transformers trained tokens/s (whole run): "
+          f"{ours['tokens_per_s_wall'] / peer['tokens_per_s_wall']:.2f}x")
+    result["transformers"] = peer
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

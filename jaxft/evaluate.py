@@ -1,0 +1,35 @@
+"""Scores a trained run on one of its splits and writes the task's report.
+
+    python -m jaxft.evaluate --workdir runs/bbc --split test [--step N | --latest]
+
+Uses the best checkpoint (kept by early stopping in workdir/best) unless --step or --latest
+says otherwise. Prints the task's table (per-class report / entity table / EM-F1) and saves it
+as workdir/report_{split}.json.
+"""
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "jaxft training directory")
+_SPLIT = flags.DEFINE_string("split", "test", "split to score: train, validation or test")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the best, else latest)")
+_LATEST = flags.DEFINE_boolean("latest", False, "score the latest checkpoint, not the best")
+
+
+def evaluate(workdir: str, split: str = "test", step: int | None = None,
+             latest: bool = False) -> dict:
+  from jaxft import checkpoint, reports
+
+  _, task, params = checkpoint.load_params(workdir, step, best=not latest)
+  outputs = reports.run_eval(task, params, task.eval_batches(split))
+  return reports.write_report(task, outputs, split, workdir)
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value:
+    raise app.UsageError("give --workdir (a jaxft training directory)")
+  evaluate(_WORKDIR.value, _SPLIT.value, _STEP.value, _LATEST.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
