@@ -12,6 +12,7 @@ import transformers
 from flax import linen as nn
 
 from jaxft import hf
+from jaxft.data.tokenizer import load_tokenizer
 from jaxft.models.bert import BertConfig, BertModel
 
 SHAPE = dict(vocab_size=500, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -63,11 +64,19 @@ def test_all_minilm_sentence_embeddings_match_sentence_transformers():
   config = hf.read_hf_config(path)
   cfg = BertConfig(**{k: config[k] for k in SHAPE}, layer_norm_eps=config["layer_norm_eps"])
   model, params = _jaxft_bert(cfg, path)
-  tok = transformers.AutoTokenizer.from_pretrained(path)
   sentences = ["The cat sits outside.", "A man is playing guitar.",
                "The new movie is awesome, I loved every minute of it!",
                "Stocks fell sharply after the central bank raised interest rates again."]
-  enc = tok(sentences, padding=True, return_tensors="np")
+  # jaxft's tokenizer, loaded from the model directory, against transformers' for it
+  from jaxft.tasks.classification import encode_texts
+
+  ours_enc = encode_texts(load_tokenizer(path), sentences, 24, "bert")
+  ref = transformers.AutoTokenizer.from_pretrained(path)(sentences, padding="max_length",
+                                                         max_length=24, return_tensors="np")
+  np.testing.assert_array_equal(ours_enc["inputs"], ref["input_ids"])
+  np.testing.assert_array_equal(ours_enc["segment_ids"], ref["attention_mask"])
+  enc = {"input_ids": ours_enc["inputs"], "attention_mask": ours_enc["segment_ids"],
+         "token_type_ids": ours_enc["token_types"]}
   from sentence_transformers import SentenceTransformer
 
   theirs = SentenceTransformer(path, device="cpu").encode(sentences, normalize_embeddings=True)
