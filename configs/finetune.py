@@ -127,6 +127,8 @@ def get_config(variant: str = "bbc_news") -> ml_collections.ConfigDict:
   if variant in ("wnut16", "ner"):
     c.optim.lr = 5e-5
     c.num_epochs = 5  # WNUT is small (1,915 training tweets)
+  if variant == "wnut16":
+    c.seq_len = 80  # the longest WNUT tweet is 75 WordPiece tokens: no padding to 128
   if variant == "squad":
     c.seq_len = 384
     c.num_epochs = 2
