@@ -120,14 +120,18 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c = base_config()
   c.variant = variant
   if variant == "default":
-    # CPU demo: a 4-layer BERT on Shakespeare. DEMO_TIMING
+    # CPU demo: a 4-layer BERT (4.8M parameters, 3.9M of them the word embedding) on
+    # Shakespeare. ~10,900 tokens/s on 2 cores: 700 steps of 32 x 128 tokens (2.2 passes over
+    # its 1.28M training tokens) take ~5 minutes and reach validation MLM accuracy 0.140 (loss
+    # 6.04) against 0.069 for always predicting ',' (unigram loss 6.42). lr 2e-3 stalls at the
+    # unigram solution; 5e-4 and 1e-3 leave it more slowly.
     c.model.update(num_hidden_layers=4, hidden_size=128, num_attention_heads=4,
                    intermediate_size=512, max_position_embeddings=128,
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     c.seq_len = 128
     c.batch_size = 32
-    c.num_steps = 300
-    c.optim.update(lr=1e-3, warmup_steps=30)
+    c.num_steps = 700
+    c.optim.update(lr=1.5e-3, warmup_steps=100)
     c.log_every = 10
     c.eval_every = 100
     c.eval_batches = 20

@@ -249,6 +249,8 @@ class MaskedLM(Task):
     """The split in order, packed like training, at most config.eval_batches batches; the last
     batch is padded with empty rows (nothing scored). The same list every call."""
     c = self.config
+    if split not in ("train", "validation"):
+      raise ValueError(f"masked_lm text has the splits 'train' and 'validation', not {split!r}")
     keep = _process_rows(c.batch_size, process_index, process_count)
     empty = (np.zeros((c.seq_len - 1,), np.int32), np.zeros((c.seq_len - 1,), np.int32))
     batches, current = [], []
@@ -340,11 +342,14 @@ class MaskedLM(Task):
     row = {k: v[:1] for k, v in batch.items()}
     if row["segment_ids"].sum() == 0:
       return
-    inputs, positions, targets, weights = jax.device_get(
-        self.mask(row, self.mask_keys(row, None)))
-    logits = self.model.apply({"params": params}, inputs, row["segment_ids"],
-                              row["token_types"], row["positions"], positions)
-    predicted = np.asarray(jnp.argmax(logits, axis=-1))[0]
+    def fill_in(params, row):
+      inputs, positions, targets, weights = self.mask(row, self.mask_keys(row, None))
+      logits = self.model.apply({"params": params}, inputs, row["segment_ids"],
+                                row["token_types"], row["positions"], positions)
+      return inputs, positions, targets, weights, jnp.argmax(logits, axis=-1)
+
+    inputs, positions, targets, weights, predicted = jax.device_get(jax.jit(fill_in)(params, row))
+    predicted = predicted[0]
     order = np.argsort(positions[0])
     shown = [(positions[0][i], targets[0][i], predicted[i]) for i in order if weights[0][i] > 0]
     dec = lambda i: self.tokenizer.decode([int(i)])
