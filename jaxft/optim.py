@@ -24,7 +24,9 @@ def lr_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
 
 
 _EMBEDDING = re.compile(r"(^|/)(wte|wpe|embedding|word_embeddings|position_embeddings)(/|$)")
-_NORM_OR_BIAS = re.compile(r"(^|/)(ln_\w+|ln_f|layer_?norm\w*|LayerNorm)(/|$)|(^|/)bias$")
+# GPT-2's ln_1/ln_2/ln_f, BERT's ln/ln_embed/mlm_ln, and biases incl. the MLM head's mlm_bias.
+_NORM_OR_BIAS = re.compile(
+    r"(^|/)(ln|ln_\w+|\w+_ln|layer_?norm\w*|LayerNorm)(/|$)|(^|/)(\w+_)?bias$")
 
 
 def weight_decay_mask(params, optim_cfg):

@@ -55,6 +55,11 @@ def train_config(tmp_path, **overrides):
   config = gpt2_configs.get_config("tiny")
   config.data.files = write_corpus(str(tmp_path / "corpus"))
   config.data.data_dir = str(tmp_path / "tfds")
+  return set_fields(config, overrides)
+
+
+def set_fields(config, overrides: dict):
+  """Dotted overrides ({"optim.lr": 1e-3}), as --config.optim.lr=1e-3 would set them."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")

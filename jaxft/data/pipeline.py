@@ -141,7 +141,8 @@ class _PackedRowsIterator(grain.DatasetIterator):
       self._offset = state["offset"]
 
 
-def _process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+def process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+  """This process's rows of every global batch (each process builds the same global batch)."""
   if global_batch_size % process_count:
     raise ValueError(f"config.batch_size={global_batch_size} must divide by the number of JAX "
                      f"processes ({process_count})")
@@ -158,7 +159,7 @@ def train_iterator(data_cfg, *, seq_len: int, global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1):
   """An endless, checkpointable iterator of this process's rows of each global batch."""
   source = text_builder.data_sources(data_cfg)["train"]
-  keep = _process_rows(global_batch_size, process_index, process_count)
+  keep = process_rows(global_batch_size, process_index, process_count)
   ds = (grain.MapDataset.source(source)
         .shuffle(seed=seed)
         .repeat(None)  # reshuffled every epoch (the shuffle seed advances with the epoch)
@@ -175,7 +176,7 @@ def eval_batches(data_cfg, *, seq_len: int, global_batch_size: int,
   """The validation split in order, packed like training; the last batch is padded with
   empty rows (loss_mask 0) so every batch has the same shape. The same list every call."""
   source = text_builder.data_sources(data_cfg)["validation"]
-  keep = _process_rows(global_batch_size, process_index, process_count)
+  keep = process_rows(global_batch_size, process_index, process_count)
   ds = grain.MapDataset.source(source).map(Tokenize(data_cfg.tokenizer)).to_iter_dataset()
   rows = PackedRows(ds, seq_len + 1)
   batches, current = [], []

@@ -27,6 +27,13 @@ class CausalLM(Task):
   def __init__(self, config: ml_collections.ConfigDict, labels=None):
     super().__init__(config, labels)
     self.loss_chunk = config.get("lm_loss_chunk", 0)
+    if config.data.tokenizer:
+      from jaxft.data.tokenizer import load_tokenizer
+
+      if load_tokenizer(config.data.tokenizer).eos_id is None:
+        raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r} has no end-of-text "
+                         "token, which causal-LM packing puts between documents; use a GPT-2 "
+                         "style tokenizer (or '' for GPT-2's BPE)")
     if config.seq_len > self.model_cfg.n_positions:
       raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.n_positions="
                        f"{self.model_cfg.n_positions}; lower seq_len or raise n_positions")

@@ -14,7 +14,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from jaxft.data import labeled
+from jaxft.data import labeled, pipeline
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.tasks.base import Task
 
@@ -35,14 +35,6 @@ class ArrayRows:
 
 def _rows_of_process(batch: dict[str, np.ndarray], keep: slice) -> dict[str, np.ndarray]:
   return {k: v[keep] for k, v in batch.items()}
-
-
-def process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
-  if global_batch_size % process_count:
-    raise ValueError(f"config.batch_size={global_batch_size} must divide by the number of JAX "
-                     f"processes ({process_count})")
-  per = global_batch_size // process_count
-  return slice(process_index * per, (process_index + 1) * per)
 
 
 class LabeledTask(Task):
@@ -140,7 +132,7 @@ class LabeledTask(Task):
 
   def train_iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
     """Endless, checkpointable: a seeded shuffle of the training rows, new every epoch."""
-    keep = process_rows(self.config.batch_size, process_index, process_count)
+    keep = pipeline.process_rows(self.config.batch_size, process_index, process_count)
     ds = (grain.MapDataset.source(ArrayRows(self.device_arrays(self.features("train"))))
           .shuffle(seed=seed)
           .repeat(None)
@@ -157,7 +149,7 @@ class LabeledTask(Task):
               process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """Fixed-shape batches in order; the last is padded with rows whose example_mask is 0."""
     size = int(self.config.get("eval_batch_size", 0) or self.config.batch_size)
-    keep = process_rows(size, process_index, process_count)
+    keep = pipeline.process_rows(size, process_index, process_count)
     n = len(arrays["inputs"])
     out = []
     for start in range(0, n, size):

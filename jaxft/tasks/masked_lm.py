@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxft.data import text_builder
+from jaxft.data import pipeline, text_builder
 from jaxft.data.pipeline import PackedRows
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.tasks.base import Task
@@ -121,14 +121,6 @@ def _wrap_rows(rows, *, cls_id: int, sep_id: int, pad_id: int) -> dict[str, np.n
   return {"inputs": inputs, "segment_ids": segment_ids,
           "positions": np.where(segment_ids > 0, idx, 0).astype(np.int32),
           "token_types": np.zeros((b, seq_len), np.int32)}
-
-
-def _process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
-  if global_batch_size % process_count:
-    raise ValueError(f"config.batch_size={global_batch_size} must divide by the number of JAX "
-                     f"processes ({process_count})")
-  per = global_batch_size // process_count
-  return slice(process_index * per, (process_index + 1) * per)
 
 
 def _train_batch(rows, *, keep: slice, **special) -> dict[str, np.ndarray]:
@@ -238,7 +230,7 @@ class MaskedLM(Task):
     """Endless and checkpointable (grain get_state / set_state through PackedRows); every
     process builds the same global batch and keeps its own rows."""
     c = self.config
-    keep = _process_rows(c.batch_size, process_index, process_count)
+    keep = pipeline.process_rows(c.batch_size, process_index, process_count)
     ds = self._rows("train", seed).batch(
         c.batch_size, drop_remainder=True,
         batch_fn=functools.partial(_train_batch, keep=keep, **self._special()))
@@ -251,7 +243,7 @@ class MaskedLM(Task):
     c = self.config
     if split not in ("train", "validation"):
       raise ValueError(f"masked_lm text has the splits 'train' and 'validation', not {split!r}")
-    keep = _process_rows(c.batch_size, process_index, process_count)
+    keep = pipeline.process_rows(c.batch_size, process_index, process_count)
     empty = (np.zeros((c.seq_len - 1,), np.int32), np.zeros((c.seq_len - 1,), np.int32))
     batches, current = [], []
 

