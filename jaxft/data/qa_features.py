@@ -165,10 +165,8 @@ def featurize_qa(examples: Sequence[Mapping], tokenizer: Tokenizer, max_len: int
   cls_id, pad_id = tokenizer.special_id("cls_token"), tokenizer.special_id("pad_token")
 
   # A private copy: truncation settings on the shared backend would change every other user's
-  # encodings (the wrapper switches them off on purpose).
-  tok = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
-  tok.no_padding()
-  tok.no_truncation()
+  # encodings.
+  tok = tokenizer.private_copy()
   n_special = tok.num_special_tokens_to_add(True)
   if max_len <= n_special + 1:
     raise ValueError(f"max_len={max_len} leaves no room for a question and a context next to "

@@ -70,6 +70,14 @@ class Tokenizer:
     """The underlying HF tokenizer (shared: copy it before changing its settings)."""
     return self._tok
 
+  def private_copy(self, max_len: int | None = None) -> tokenizers.Tokenizer:
+    """A copy of the backend that may be given its own settings (truncation to `max_len`, or
+    doc-stride windows) without changing anyone else's encodings."""
+    tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
+    if max_len is not None:
+      tok.enable_truncation(max_len)
+    return tok
+
   def special_id(self, role: str) -> int:
     """Id of a special token by role ("cls_token", "sep_token", "pad_token", "mask_token")."""
     if role not in self.special:

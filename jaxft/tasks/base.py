@@ -16,7 +16,6 @@
 
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxft.models.registry import build_model, hf_architecture
 
@@ -54,7 +53,3 @@ class Task:
 
   def finish(self, workdir: str, params, val: dict, eval_batches) -> None:
     """End of training (process 0): print what a user wants to see."""
-
-
-def stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

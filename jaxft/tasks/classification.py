@@ -7,7 +7,6 @@ recall / F1 / support table (jaxft/scoring.py).
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tokenizers
 
 from jaxft import scoring
 from jaxft.tasks.labeled import LabeledTask
@@ -20,26 +19,32 @@ def cross_entropy(logits, labels):
           - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0])
 
 
+def pad_encodings(encodings, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """tokenizers Encodings (already truncated) -> inputs / segment_ids / token_types
+  [N, max_len], right-padded; segment id 1 marks real tokens."""
+  n = len(encodings)
+  out = {"inputs": np.full((n, max_len), pad_id, np.int32),
+         "segment_ids": np.zeros((n, max_len), np.int32),
+         "token_types": np.zeros((n, max_len), np.int32)}
+  for i, e in enumerate(encodings):
+    length = len(e.ids)
+    out["inputs"][i, :length] = e.ids
+    out["segment_ids"][i, :length] = 1
+    out["token_types"][i, :length] = e.type_ids
+  return out
+
+
 def encode_texts(tokenizer, texts: list[str], max_len: int, family: str) -> dict[str, np.ndarray]:
   """Texts -> inputs / segment_ids / token_types [N, max_len], truncated and right-padded.
 
   BERT: [CLS] text [SEP] through the tokenizer's own post-processor (truncation keeps room for
   the special tokens). GPT-2: the text's tokens alone (the classifier reads the last one).
   """
-  tok = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())  # never mutate the shared one
-  tok.enable_truncation(max_len)
-  encodings = tok.encode_batch(texts, add_special_tokens=family == "bert")
+  encodings = tokenizer.private_copy(max_len).encode_batch(
+      texts, add_special_tokens=family == "bert")
   pad = (tokenizer.special_id("pad_token") if "pad_token" in tokenizer.special
          else tokenizer.eos_id or 0)
-  out = {"inputs": np.full((len(texts), max_len), pad, np.int32),
-         "segment_ids": np.zeros((len(texts), max_len), np.int32),
-         "token_types": np.zeros((len(texts), max_len), np.int32)}
-  for i, e in enumerate(encodings):
-    n = len(e.ids)
-    out["inputs"][i, :n] = e.ids
-    out["segment_ids"][i, :n] = 1
-    out["token_types"][i, :n] = e.type_ids
-  return out
+  return pad_encodings(encodings, max_len, pad)
 
 
 class SequenceClassification(LabeledTask):

@@ -8,6 +8,7 @@ iterator state is checkpointed with the model, as for pretraining. Evaluation ba
 split's order and pad the last batch with rows whose example_mask is 0.
 """
 
+import abc
 import functools
 
 import grain
@@ -37,7 +38,10 @@ def _rows_of_process(batch: dict[str, np.ndarray], keep: slice) -> dict[str, np.
   return {k: v[keep] for k, v in batch.items()}
 
 
-class LabeledTask(Task):
+class LabeledTask(Task, abc.ABC):
+  """A task over labelled examples. Subclasses with has_labels also define
+  label_values(example) -> the label strings it carries (one per text, or one per word)."""
+
   kind = ""  # the jaxft.data.labeled kind: "classification" | "ner" | "qa"
   # Keys of a featurised split that go to the device; the rest stay on the host for scoring.
   batch_keys: tuple[str, ...] = ()
@@ -66,10 +70,6 @@ class LabeledTask(Task):
 
   # -- labels ----------------------------------------------------------------------------------
 
-  def label_values(self, example: dict) -> list[str]:
-    """The label strings an example carries (one for classification, one per word for NER)."""
-    raise NotImplementedError
-
   def _label_set(self) -> list[str]:
     """config.data.labels (comma-separated, in id order), else the sorted training labels."""
     given = self.config.data.get("labels", "")
@@ -91,20 +91,20 @@ class LabeledTask(Task):
 
   # -- features --------------------------------------------------------------------------------
 
+  @abc.abstractmethod
   def featurize(self, examples, split: str, with_labels: bool = True) -> dict[str, np.ndarray]:
     """Examples of one split -> dict of [N, ...] arrays (incl. batch_keys; without labels the
     label arrays are zeros, for jaxft.predict)."""
-    raise NotImplementedError
 
   # -- prediction (jaxft.predict) --------------------------------------------------------------
 
+  @abc.abstractmethod
   def prediction_inputs(self, records: list[dict]) -> list[dict]:
     """Raw input records ({"text"} or, for QA, {"question", "context"}) -> examples."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def predictions(self, examples, features, outputs) -> list[dict]:
     """One JSON-able prediction per example, from eval_outputs over `features`."""
-    raise NotImplementedError
 
   def features(self, split: str) -> dict[str, np.ndarray]:
     if split not in self._features:

@@ -20,7 +20,6 @@ class QuestionAnswering(LabeledTask):
   name = "question_answering"
   head = "question_answering"
   kind = "qa"
-  has_labels = False
   default_metric = ("f1", "max")
   batch_keys = ("start_positions", "end_positions")
 

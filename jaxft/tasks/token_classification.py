@@ -11,10 +11,9 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
-import tokenizers
 
 from jaxft import scoring
-from jaxft.tasks.classification import cross_entropy
+from jaxft.tasks.classification import cross_entropy, pad_encodings
 from jaxft.tasks.labeled import LabeledTask
 
 OUTSIDE = "O"
@@ -23,19 +22,11 @@ OUTSIDE = "O"
 def encode_words(tokenizer, sentences: list[list[str]], max_len: int) -> dict[str, np.ndarray]:
   """Pre-split words -> inputs / segment_ids / token_types [N, T] and first_token [N, T]: the
   word index at a word's first sub-token, -1 elsewhere."""
-  tok = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())  # never mutate the shared one
-  tok.enable_truncation(max_len)
-  encodings = tok.encode_batch(sentences, is_pretokenized=True, add_special_tokens=True)
-  n = len(sentences)
-  out = {"inputs": np.full((n, max_len), tokenizer.special_id("pad_token"), np.int32),
-         "segment_ids": np.zeros((n, max_len), np.int32),
-         "token_types": np.zeros((n, max_len), np.int32),
-         "first_token": np.full((n, max_len), -1, np.int32)}
+  encodings = tokenizer.private_copy(max_len).encode_batch(
+      sentences, is_pretokenized=True, add_special_tokens=True)
+  out = pad_encodings(encodings, max_len, tokenizer.special_id("pad_token"))
+  out["first_token"] = np.full((len(sentences), max_len), -1, np.int32)
   for i, e in enumerate(encodings):
-    length = len(e.ids)
-    out["inputs"][i, :length] = e.ids
-    out["segment_ids"][i, :length] = 1
-    out["token_types"][i, :length] = e.type_ids
     previous = None
     for t, w in enumerate(e.word_ids):
       if w is not None and w != previous:
