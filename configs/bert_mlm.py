@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # newest checkpoints kept on disk
 
   c.early_stopping = common.early_stopping()
+  c.peft = common.peft()  # --config.peft.method=lora|adalora|adapter|prefix|prompt
   return c
 
 

@@ -1,4 +1,5 @@
-"""Config blocks every jaxft config shares: optimizer, mesh, sharding rules, early stopping."""
+"""Config blocks every jaxft config shares: optimizer, mesh, sharding rules, early stopping,
+PEFT."""
 
 import importlib.util
 import os
@@ -58,6 +59,34 @@ def early_stopping() -> ml_collections.ConfigDict:
   e.mode = ""  # "max" | "min"; "" = the task's
   e.patience = 0  # evaluations without improvement before stopping; 0 = never
   return e
+
+
+def peft(**overrides) -> ml_collections.ConfigDict:
+  """Parameter-efficient fine-tuning (jaxft/peft/): which method, where, and its sizes."""
+  p = ml_collections.ConfigDict()
+  p.method = "none"  # none (full fine-tuning) | lora | adalora | adapter | prefix | prompt
+  # Regex searched in module paths ("bert/layer_0/attn/query", "transformer/h_3/mlp/fc");
+  # "" = the method's default: lora/adalora 'attn/(query|value)$', adapter 'attn/out$|mlp/proj$'.
+  p.targets = ""
+  p.trainable = ""  # regex of base params trained too (the task head always is), e.g. 'pooler'
+  # Peak learning rate of a PEFT run (replaces config.optim.lr); 0 = the method's default:
+  # lora/adalora/adapter 1e-3, prefix 5e-3, prompt 3e-2.
+  p.lr = 0.0
+  p.rank = 8  # LoRA rank; AdaLoRA: the average rank left after reallocation
+  p.alpha = 16.0  # LoRA/AdaLoRA update scale: alpha / rank (AdaLoRA: alpha / init_rank)
+  p.dropout = 0.05  # LoRA/AdaLoRA dropout on the adapted layer's input
+  p.init_rank = 12  # AdaLoRA: rank every module starts with
+  p.warmup_fraction = 0.1  # AdaLoRA: steps before the budget starts falling (t_init)
+  p.final_fraction = 0.3  # AdaLoRA: last steps at the final budget, mask fixed (t_final)
+  p.mask_every = 10  # AdaLoRA: steps between reallocations (delta T)
+  p.beta1 = 0.85  # AdaLoRA: EMA of sensitivity |w * grad|
+  p.beta2 = 0.85  # AdaLoRA: EMA of its uncertainty
+  p.orth_reg = 0.1  # AdaLoRA: weight of the P/Q orthogonality penalty
+  p.adapter_size = 64  # adapter bottleneck width
+  p.num_virtual_tokens = 20  # prefix / prompt length
+  p.prefix_projection = 0  # prefix: hidden size of the MLP reparameterisation; 0 = direct
+  p.update(overrides)
+  return p
 
 
 def minilm_dir() -> str:

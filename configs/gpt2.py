@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = common.mesh()
   c.axis_rules = common.AXIS_RULES
   c.early_stopping = common.early_stopping()
+  c.peft = common.peft()  # --config.peft.method=lora|adalora|adapter|prefix|prompt
 
   c.log_every = 10  # steps between metric writes
   c.eval_every = 500  # steps between validation passes (and at the end)

@@ -54,16 +54,16 @@ class JaxftRunner:
                                    config.axis_rules)
     self.task = tasks.make_task(config)
     tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
-    self.state, shardings = state_lib.create_train_state(
+    self.state, self.frozen, shardings, _ = state_lib.create_train_state(
         self.task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh,
         axis_rules=config.axis_rules)
     batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
     self.batch = sharding.global_batch(random_batch(config), batch_sh)
     step = jax.jit(steps.make_train_step(self.task.loss, tx, schedule, config.grad_accum_steps),
-                   in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
+                   in_shardings=(shardings, None, batch_sh), out_shardings=(shardings, None),
                    donate_argnums=0)
     t = time.perf_counter()
-    lowered = step.lower(self.state, self.batch)
+    lowered = step.lower(self.state, self.frozen, self.batch)
     self.lower_s = time.perf_counter() - t
     t = time.perf_counter()
     self.compiled = lowered.compile()
@@ -73,7 +73,7 @@ class JaxftRunner:
     """Seconds per step over n steps (synchronised at the end)."""
     t = time.perf_counter()
     for _ in range(n):
-      self.state, m = self.compiled(self.state, self.batch)
+      self.state, m = self.compiled(self.state, self.frozen, self.batch)
     jax.block_until_ready(m["loss"])
     return (time.perf_counter() - t) / n
 

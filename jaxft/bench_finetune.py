@@ -20,11 +20,14 @@ import time
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/bench_bbc", "jaxft run directory (replaced)")
-_PEER = flags.DEFINE_string("peer", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                                 "bench", "torch_bbc_finetune_ref.py"),
-                            "the transformers reference script")
-_SKIP_PEER = flags.DEFINE_boolean("skip_peer", False, "only run jaxft")
+
+def _define_flags() -> None:
+  """Only when run as a program: jaxft.bench_peft imports this module."""
+  flags.DEFINE_string("workdir", "runs/bench_bbc", "jaxft run directory (replaced)")
+  flags.DEFINE_string("peer", os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                           "bench", "torch_bbc_finetune_ref.py"),
+                      "the transformers reference script")
+  flags.DEFINE_boolean("skip_peer", False, "only run jaxft")
 
 
 def trained_tokens(task, num_steps: int, seed: int) -> int:
@@ -33,8 +36,9 @@ def trained_tokens(task, num_steps: int, seed: int) -> int:
   return int(sum((next(it)["segment_ids"] > 0).sum() for _ in range(num_steps)))
 
 
-def run_jaxft(workdir: str) -> dict:
-  """The user's command, as a subprocess: python -m jaxft.train --config ...:bbc_news."""
+def run_jaxft(workdir: str, overrides: tuple[str, ...] = ()) -> dict:
+  """The user's command, as a subprocess: python -m jaxft.train --config ...:bbc_news, with
+  `overrides` (e.g. "--config.peft.method=lora") appended."""
   import shutil
 
   from jaxft import checkpoint, metrics, tasks
@@ -43,8 +47,8 @@ def run_jaxft(workdir: str) -> dict:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   start = time.perf_counter()
   out = subprocess.run([sys.executable, "-m", "jaxft.train", "--config",
-                        "configs/finetune.py:bbc_news", "--workdir", workdir], cwd=root,
-                       capture_output=True, text=True)
+                        "configs/finetune.py:bbc_news", "--workdir", workdir, *overrides],
+                       cwd=root, capture_output=True, text=True)
   wall = time.perf_counter() - start
   if out.returncode:
     raise RuntimeError(f"jaxft.train failed:\n{out.stderr[-3000:]}")
@@ -57,7 +61,12 @@ def run_jaxft(workdir: str) -> dict:
   tokens = trained_tokens(task, steps, config.data.shuffle_seed)
   rates = [r["train/tokens_per_s"] for r in records if "train/tokens_per_s" in r]
   loop_s = sum(r["train/loop_seconds"] for r in records if "train/loop_seconds" in r)
-  return {"test_accuracy": test["accuracy"], "wall_s": wall, "steps": steps,
+  counts = next(r for r in records if "params/total" in r)
+  best_val = max(r["val/accuracy"] for r in records if "val/accuracy" in r)
+  return {"test_accuracy": test["accuracy"], "val_accuracy": best_val, "wall_s": wall,
+          "steps": steps, **{k: counts[k] for k in ("params/total", "params/trainable",
+                                                    "params/trainable_percent",
+                                                    "optimizer/state_bytes")},
           "trained_tokens": tokens, "tokens_per_s_train": sum(rates) / len(rates),
           "loop_s": loop_s, "tokens_per_s_loop": tokens / loop_s,
           "tokens_per_s_wall": tokens / wall, "log": out.stdout}
@@ -82,7 +91,8 @@ def run_peer(script: str) -> dict:
 
 def main(argv):
   del argv
-  ours = run_jaxft(os.path.abspath(_WORKDIR.value))
+  f = flags.FLAGS
+  ours = run_jaxft(os.path.abspath(f.workdir))
   print(ours.pop("log"), end="")
   print(f"jaxft: test accuracy {ours['test_accuracy']:.4f}, {ours['wall_s']:.0f} s in all; "
         f"trained tokens/s: {ours['tokens_per_s_loop']:,.0f} over the training loop "
@@ -90,8 +100,8 @@ def main(argv):
         f"{ours['tokens_per_s_train']:,.0f} in the train steps alone, "
         f"{ours['tokens_per_s_wall']:,.0f} over the whole process")
   result = {"jaxft": ours}
-  if not _SKIP_PEER.value:
-    peer = run_peer(os.path.abspath(_PEER.value))
+  if not f.skip_peer:
+    peer = run_peer(os.path.abspath(f.peer))
     print(peer.pop("log"), end="")
     print(f"transformers (PyTorch): test accuracy {peer['test_accuracy']:.4f}, "
           f"{peer['wall_s']:.0f} s in all; {peer['tokens_per_s_wall']:,.0f} trained tokens/s "
@@ -103,4 +113,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

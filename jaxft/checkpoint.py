@@ -6,17 +6,22 @@ once complete, so a run killed mid-save resumes from the previous step.
 """
 
 import json
+import logging
 import os
+import shutil
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
-from flax import linen as nn
 
 CONFIG_FILE = "config.json"
 LABELS_FILE = "labels.json"
 BEST_DIR = "best"
+ADAPTER_FILE = "adapter.safetensors"
+
+log = logging.getLogger("jaxft")
 
 
 class Checkpointer:
@@ -64,6 +69,10 @@ class BestParams:
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
   def save(self, step: int, params, meta: dict) -> None:
+    # A run killed between this save and its checkpoint's resumes before `step` and gets here
+    # again: the new params replace the old ones.
+    if step in self.manager.all_steps():
+      self.manager.delete(step)
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave({"params": params}), meta=ocp.args.JsonSave(meta)),
         force=True)
@@ -101,15 +110,50 @@ def load_labels(workdir: str) -> list[str] | None:
     return json.load(f)
 
 
-def load_params(workdir: str, step: int | None = None, best: bool = True):
-  """(resolved training config, task, params) of a workdir: the best checkpoint (early stopping
-  keeps it in workdir/best) unless `best` is False or a `step` is given, else the latest.
+def load_params(workdir: str, step: int | None = None, best: bool = True,
+                init_from: str | None = None):
+  """(resolved training config, task, model variables) of a workdir or an adapter directory:
+  the best checkpoint (early stopping keeps it in workdir/best) unless `best` is False or a
+  `step` is given, else the latest.
 
-  Restores the params alone (no optimizer state), onto the first local device.
+  Restores the trainable variables alone (no optimizer state), onto the first local device; a
+  PEFT run's frozen base comes from its config.init_from (or `init_from`, if the base model
+  has moved since).
   """
-  from jaxft import tasks  # here, not at top: tasks imports models, which need no checkpoint
+  from jaxft import init_from as init_from_lib
+  from jaxft import peft, tasks
 
   config = load_config(workdir)
+  if init_from:
+    config.init_from = init_from
+  task = tasks.make_task(config, labels=load_labels(workdir))
+  lay, trainable = load_trainable(workdir, task, step, best)
+  frozen = {}
+  if lay.has_frozen:
+    if not config.init_from:
+      log.info("%s: no init_from recorded; the frozen base is the seed's random init", workdir)
+    frozen = lay.split(init_from_lib.initial_variables(task, config, lay))[1]
+  return config, task, peft.combine(frozen, trainable)
+
+
+def load_trainable(workdir: str, task, step: int | None = None, best: bool = True):
+  """(the variables' layout on one device, the trainable variables of the checkpoint or of
+  the adapter file in `workdir`)."""
+  from jaxft import sharding
+  from jaxft import state as state_lib
+
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}),
+                            jax.local_devices()[:1])
+  lay = state_lib.layout(task, task.config.seq_len, mesh, task.config.axis_rules)
+  abstract, _ = lay.split(jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), lay.abstract,
+      lay.shardings))
+  if os.path.exists(os.path.join(workdir, ADAPTER_FILE)):
+    return lay, read_adapter(workdir, abstract)
+  return lay, _restore_trainable(workdir, step, best, abstract)
+
+
+def _restore_trainable(workdir: str, step: int | None, best: bool, abstract):
   manager = None
   if best and step is None and os.path.isdir(os.path.join(workdir, BEST_DIR)):
     directory = os.path.join(os.path.abspath(workdir), BEST_DIR)
@@ -123,15 +167,69 @@ def load_params(workdir: str, step: int | None = None, best: bool = True):
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet under {directory}")
-  task = tasks.make_task(config, labels=load_labels(workdir))
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.eval_shape(lambda: nn.unbox(task.init(jax.random.key(0),
-                                                       config.seq_len))["params"])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          abstract)
   out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item={"params": abstract},
       restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract}),
       partial_restore=True)))
   manager.close()
-  return config, task, out.state["params"]
+  # partial_restore hands back the abstract leaf for anything the checkpoint lacks.
+  missing = ["/".join(map(str, k)) for k, v in
+             _flat_leaves(out.state["params"]) if isinstance(v, jax.ShapeDtypeStruct)]
+  if missing:
+    raise ValueError(f"the checkpoint of step {step} in {directory} lacks {len(missing)} "
+                     f"trainable variable(s) of this run's model, e.g. {missing[:4]}: it was "
+                     "written for another model or by an older jaxft (before variables were "
+                     "split into trainable and frozen); retrain, or load it with that version")
+  return out.state["params"]
+
+
+def _flat_leaves(tree):
+  from flax import traverse_util
+
+  return traverse_util.flatten_dict(tree).items()
+
+
+# -- adapter-only files ------------------------------------------------------------------------
+
+def save_adapter(out_dir: str, workdir: str, trainable) -> list[str]:
+  """The trainable variables of a run (PEFT params and the task head) as one safetensors file,
+  next to the run's config.json and labels.json: a directory that `load_params` (and so
+  evaluate, predict, generate, prompt_eval and export) reads on top of its base model."""
+  from safetensors.numpy import save_file
+
+  from jaxft import peft
+
+  os.makedirs(out_dir, exist_ok=True)
+  tensors = {"/".join(k): np.ascontiguousarray(np.asarray(jax.device_get(v)))
+             for k, v in peft.flat(trainable).items()}
+  save_file(tensors, os.path.join(out_dir, ADAPTER_FILE))
+  written = [ADAPTER_FILE]
+  for name in (CONFIG_FILE, LABELS_FILE):
+    if os.path.exists(os.path.join(workdir, name)):
+      shutil.copyfile(os.path.join(workdir, name), os.path.join(out_dir, name))
+      written.append(name)
+  return written
+
+
+def read_adapter(directory: str, abstract) -> dict:
+  """An adapter file checked against the model it is loaded into (names and shapes)."""
+  from flax import traverse_util
+  from safetensors.numpy import load_file
+
+  from jaxft import peft
+
+  path = os.path.join(directory, ADAPTER_FILE)
+  tensors = load_file(path)
+  want = {"/".join(k): v for k, v in peft.flat(abstract).items()}
+  missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+  if missing or extra:
+    raise ValueError(f"{path} does not fit the model of its config.json: missing "
+                     f"{missing[:6]}, unexpected {extra[:6]}; was it saved from another run?")
+  for name, spec in want.items():
+    if tuple(tensors[name].shape) != tuple(spec.shape):
+      raise ValueError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, the model "
+                       f"expects {tuple(spec.shape)}")
+  device = jax.local_devices()[0]
+  return traverse_util.unflatten_dict({
+      tuple(name.split("/")): jax.device_put(tensors[name].astype(spec.dtype), device)
+      for name, spec in want.items()})

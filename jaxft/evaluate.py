@@ -19,8 +19,8 @@ def evaluate(workdir: str, split: str = "test", step: int | None = None,
              latest: bool = False) -> dict:
   from jaxft import checkpoint, reports
 
-  _, task, params = checkpoint.load_params(workdir, step, best=not latest)
-  outputs = reports.run_eval(task, params, task.eval_batches(split))
+  _, task, variables = checkpoint.load_params(workdir, step, best=not latest)
+  outputs = reports.run_eval(task, variables, task.eval_batches(split))
   return reports.write_report(task, outputs, split, workdir)
 
 

@@ -1,40 +1,77 @@
-"""Exports a jaxft training directory as a Hugging Face model directory.
+"""Exports a jaxft training directory as a Hugging Face model directory, or its adapter alone.
 
     python -m jaxft.export --workdir runs/gpt2 --out runs/gpt2/hf [--step N]
+    python -m jaxft.export --workdir runs/lora --out runs/lora/adapter --adapter_only
 
 The output (config.json, model.safetensors, tokenizer files) loads with the transformers class
 of the run's model and head (GPT2LMHeadModel, BertForSequenceClassification, ...; its name is
 in config.json "architectures", so AutoModelFor*.from_pretrained(out) works) and
 AutoTokenizer.from_pretrained(out). Classifiers carry their label names (id2label). Without
 --step the best checkpoint (workdir/best, kept by early stopping) is exported if there is one.
+
+A LoRA / AdaLoRA run is merged first (W + scale * A B): the export is a plain model. Adapters,
+prefix and prompt tuning add computation no plain transformers class has; --adapter_only
+writes the trainable variables alone (adapter.safetensors, with the run's config.json and
+labels.json), which every jaxft CLI loads as a --workdir on top of the base model named by
+config.init_from (or --init_from where it has moved).
 """
 
 import os
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "jaxft training directory to export")
-_OUT = flags.DEFINE_string("out", None, "output directory (created; existing files replaced)")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
 
-
-def export(workdir: str, out: str, step: int | None = None) -> str:
+def export(workdir: str, out: str, step: int | None = None, init_from: str | None = None) -> str:
+  """Writes a plain Hugging Face model directory (PEFT merged in) to `out`."""
   from jaxft import checkpoint, hf
   from jaxft.data.tokenizer import load_tokenizer
 
-  config, task, params = checkpoint.load_params(workdir, step)
+  config, task, variables = checkpoint.load_params(workdir, step, init_from=init_from)
+  params = task.peft.merge(variables)["params"]
   hf.save_hf(out, params, task.model_cfg, load_tokenizer(config.data.get("tokenizer") or None),
              architecture=task.architecture, labels=task.labels)
   return os.path.abspath(out)
 
 
+def export_adapter(workdir: str, out: str, step: int | None = None) -> str:
+  """Writes the run's trainable variables (no base model) to `out`."""
+  from jaxft import checkpoint, peft, tasks
+
+  config = checkpoint.load_config(workdir)
+  task = tasks.make_task(config, labels=checkpoint.load_labels(workdir))
+  if task.peft.name == "none":
+    raise ValueError(f"--workdir={workdir} is a full fine-tuning run (config.peft.method="
+                     "'none'): every parameter is trained, so there is no adapter; export the "
+                     "whole model (drop --adapter_only)")
+  _, trainable = checkpoint.load_trainable(workdir, task, step)
+  checkpoint.save_adapter(out, workdir, trainable)
+  print(f"{peft.count(trainable):,} trainable parameters ({task.peft.describe()})")
+  return os.path.abspath(out)
+
+
+def _define_flags() -> None:
+  """Only when run as a program: tests import this module next to jaxft.train's flags."""
+  flags.DEFINE_string("workdir", None, "jaxft training directory to export")
+  flags.DEFINE_string("out", None, "output directory (created; existing files replaced)")
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the best, else the latest)")
+  flags.DEFINE_boolean("adapter_only", False, "write only the trainable variables (PEFT params "
+                       "and head), not a merged model")
+  flags.DEFINE_string("init_from", None, "base model directory, if it has moved since training "
+                      "(default: the run's config.init_from)")
+
+
 def main(argv):
   del argv
-  if not _WORKDIR.value or not _OUT.value:
+  f = flags.FLAGS
+  if not f.workdir or not f.out:
     raise app.UsageError("give --workdir (a jaxft training directory) and --out (where the "
                          "Hugging Face model directory goes)")
-  print(f"wrote {export(_WORKDIR.value, _OUT.value, _STEP.value)}")
+  if f.adapter_only:
+    print(f"wrote {export_adapter(f.workdir, f.out, f.step)}")
+  else:
+    print(f"wrote {export(f.workdir, f.out, f.step, f.init_from)}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

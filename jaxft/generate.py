@@ -71,7 +71,7 @@ def _empty_cache(model: nn.Module, batch: int, length: int):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id"))
-def _generate(model, params, tokens, lengths, key, *, max_new_tokens: int, sampling: Sampling,
+def _generate(model, variables, tokens, lengths, key, *, max_new_tokens: int, sampling: Sampling,
               eos_id: int | None):
   """tokens [B, P] left-padded, lengths [B] -> new tokens [B, max_new_tokens].
 
@@ -88,10 +88,10 @@ def _generate(model, params, tokens, lengths, key, *, max_new_tokens: int, sampl
   fill = 0 if eos_id is None else eos_id
 
   def step(cache, step_tokens, step_positions, step_segments, i):
-    logits, variables = model.apply(
-        {"params": params, "cache": cache}, step_tokens, step_positions, step_segments,
+    logits, mutated = model.apply(
+        {**variables, "cache": cache}, step_tokens, step_positions, step_segments,
         deterministic=True, decode=True, mutable=["cache"])
-    return variables["cache"], sample_tokens(logits[:, -1], jax.random.fold_in(key, i), sampling)
+    return mutated["cache"], sample_tokens(logits[:, -1], jax.random.fold_in(key, i), sampling)
 
   cache, first = step(cache, tokens, positions, segment_ids, 0)
   out = jnp.full((b, max_new_tokens), fill, jnp.int32).at[:, 0].set(first)
@@ -119,9 +119,11 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int,
              eos_id: int | None = None) -> list[list[int]]:
   """Each prompt's continuation: up to max_new_tokens ids, cut before the first EOS.
 
-  `model` is a GPT2LMHeadModel, `params` its (unboxed) params. The same seed and prompts give
-  the same samples.
+  `model` is a GPT2LMHeadModel (or one bound to its PEFT method, jaxft.peft.bind), `params`
+  its (unboxed) params, or its variables {"params": ..., "peft": ...}. The same seed and
+  prompts give the same samples.
   """
+  variables = params if "params" in params else {"params": params}
   cfg = model.cfg
   sampling = Sampling(float(temperature), int(top_k), float(top_p))
   sampling.validate()
@@ -150,7 +152,7 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int,
   for row, prompt in enumerate(prompts):
     tokens[row, longest - len(prompt):] = prompt
   lengths = np.array([len(p) for p in prompts], np.int32)
-  out = _generate(model, params, tokens, lengths, jax.random.key(seed),
+  out = _generate(model, variables, tokens, lengths, jax.random.key(seed),
                   max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id)
   out = np.asarray(jax.device_get(out)).tolist()
   if eos_id is not None:
@@ -178,15 +180,17 @@ def _define_flags() -> None:
 
 
 def load_from_workdir(workdir: str, step: int | None = None):
-  """(model, params, tokenizer) of a jaxft training directory's checkpoint."""
-  from jaxft import checkpoint
+  """(model, variables, tokenizer) of a jaxft training (or adapter) directory's checkpoint; the
+  model carries the run's PEFT method (jaxft.peft.bind)."""
+  from jaxft import checkpoint, peft
   from jaxft.data.tokenizer import load_tokenizer
 
-  config, task, params = checkpoint.load_params(workdir, step)
+  config, task, variables = checkpoint.load_params(workdir, step)
   if task.head != "causal_lm":
     raise ValueError(f"--workdir={workdir} trained a {config.task} model; generation needs a "
                      "causal LM (configs/gpt2.py)")
-  return task.model, params, load_tokenizer(config.data.get("tokenizer") or None)
+  return (peft.bind(task.model, task.peft), variables,
+          load_tokenizer(config.data.get("tokenizer") or None))
 
 
 def load_from_hf(path: str):

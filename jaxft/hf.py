@@ -121,8 +121,8 @@ def _bert_backbone(n_layer: int, pooler: bool = True) -> list[Row]:
                  merge=((0, 1), (2,)), transpose=True),  # [heads, head_dim, embed]
              Row(f"{h}.attention.output.dense.bias", (f"{j}/attn/out/bias",)),
              *_layer_norm(f"{h}.attention.output.LayerNorm", f"{j}/attn/ln"),
-             *_linear(f"{h}.intermediate.dense", f"{j}/fc"),
-             *_linear(f"{h}.output.dense", f"{j}/proj"),
+             *_linear(f"{h}.intermediate.dense", f"{j}/mlp/fc"),
+             *_linear(f"{h}.output.dense", f"{j}/mlp/proj"),
              *_layer_norm(f"{h}.output.LayerNorm", f"{j}/ln")]
   if pooler:
     rows += _linear("pooler.dense", "pooler")
@@ -308,17 +308,18 @@ def _backbone_names(tensors: dict, arch: Arch) -> dict:
 
 
 def load_params(path: str, expected: Mapping, architecture: str,
-                init_fn=None) -> dict:
+                init_fn=None, tensors: dict[str, np.ndarray] | None = None) -> dict:
   """HF weights in directory `path` -> a numpy param tree shaped like `expected` (the abstract
   tree of the jaxft module for `architecture`, e.g. `jax.eval_shape` of its unboxed init).
 
   The checkpoint may be any class of the same family: a head or pooler it lacks comes from
   `init_fn()` (the module's own random init), with a warning naming them, as transformers'
-  "newly initialized" message.
+  "newly initialized" message. `tensors` (an HF state dict already in memory, e.g. a jaxft
+  workdir's params through `to_hf_tensors`) replaces reading `path`.
   """
   arch = ARCHITECTURES[architecture]
   family = {"gpt2": "GPT-2", "bert": "BERT"}[arch.family]
-  raw = _read_tensors(path)
+  raw = _read_tensors(path) if tensors is None else tensors
   _check_tied(raw, arch, path)
   tensors = _backbone_names(raw, arch)
   want = dict(_flatten(expected))
@@ -376,22 +377,3 @@ def save_hf(out_dir: str, params: Mapping, cfg, tokenizer=None,
             metadata={"format": "pt"})  # as transformers writes; older releases require it
   if tokenizer is not None:
     tokenizer.save(out_dir)
-
-
-def apply_init_from(config):
-  """With config.init_from, the architecture (config.model) comes from its config.json and the
-  tokenizer from the directory, unless config.data.tokenizer names one."""
-  if not config.init_from:
-    return config
-  from jaxft.data.tokenizer import has_tokenizer
-
-  overrides = model_overrides(read_hf_config(config.init_from))
-  changed = {k: (config.model.get(k), v) for k, v in overrides.items()
-             if config.model.get(k) != v}
-  if changed:
-    log.info("init_from %s sets config.model fields: %s", config.init_from, changed)
-  with config.unlocked():
-    config.model.update(overrides)
-    if not config.data.tokenizer and has_tokenizer(config.init_from):
-      config.data.tokenizer = config.init_from
-  return config

@@ -43,8 +43,14 @@ def weight_decay_mask(params, optim_cfg):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim_cfg, num_steps: int) -> tuple[optax.GradientTransformation,
-                                                        optax.Schedule]:
+def make_optimizer(optim_cfg, num_steps: int, peft_method=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The chain for the trainable params. A PEFT method sets the peak learning rate
+  (config.peft.lr or its default) and may wrap the chain (AdaLoRA's rank budget)."""
+  if peft_method is not None and peft_method.name != "none":
+    optim_cfg = optim_cfg.copy_and_resolve_references()
+    with optim_cfg.unlocked():
+      optim_cfg.lr = peft_method.learning_rate(optim_cfg.lr)
   schedule = lr_schedule(optim_cfg, num_steps)
   chain = []
   if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
@@ -52,4 +58,7 @@ def make_optimizer(optim_cfg, num_steps: int) -> tuple[optax.GradientTransformat
   chain.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                            weight_decay=optim_cfg.weight_decay,
                            mask=lambda p: weight_decay_mask(p, optim_cfg)))
-  return optax.chain(*chain), schedule
+  tx = optax.chain(*chain)
+  if peft_method is not None:
+    tx = peft_method.wrap_optimizer(tx, num_steps)
+  return tx, schedule

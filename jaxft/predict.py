@@ -60,9 +60,9 @@ def read_records(path: str) -> list[dict]:
 
 
 def load_from_hf(path: str, max_len: int | None):
-  """(task, params) for a Hugging Face classifier / tagger / QA directory."""
+  """(task, variables) for a Hugging Face classifier / tagger / QA directory."""
   from configs import finetune
-  from jaxft import hf, tasks
+  from jaxft import hf, init_from, tasks
 
   hf_config = hf.read_hf_config(path)
   architecture = (hf_config.get("architectures") or [""])[0]
@@ -74,7 +74,7 @@ def load_from_hf(path: str, max_len: int | None):
     config.task = _TASK_OF[architecture]
     config.init_from = path
     config.seq_len = max_len or (384 if config.task == "question_answering" else 128)
-    hf.apply_init_from(config)
+    init_from.resolve(config)
   labels = hf.label_names(hf_config)
   if config.task != "question_answering" and labels is None:
     n = int(hf_config.get("num_labels", len(hf_config.get("id2label", {})) or 2))
@@ -82,10 +82,10 @@ def load_from_hf(path: str, max_len: int | None):
   task = tasks.make_task(config, labels=labels)
   init = lambda: nn.unbox(task.init(jax.random.key(0), config.seq_len))["params"]  # noqa: E731
   params = hf.load_params(path, jax.eval_shape(init), architecture)
-  return task, jax.tree.map(jnp.asarray, params)
+  return task, {"params": jax.tree.map(jnp.asarray, params)}
 
 
-def predict(task, params, records: list[dict]) -> list[dict]:
+def predict(task, variables, records: list[dict]) -> list[dict]:
   from jaxft.reports import run_eval
 
   for i, r in enumerate(records):
@@ -96,7 +96,7 @@ def predict(task, params, records: list[dict]) -> list[dict]:
                        f"model reads (give .jsonl objects with {', '.join(need)})")
   examples = task.prediction_inputs(records)
   features = task.complete(task.featurize(examples, "predict", with_labels=False))
-  outputs = run_eval(task, params, task.batches(task.device_arrays(features)))
+  outputs = run_eval(task, variables, task.batches(task.device_arrays(features)))
   return task.predictions(examples, features, outputs)
 
 
@@ -110,15 +110,15 @@ def main(argv):
   if not _INPUT.value or not _OUTPUT.value:
     raise app.UsageError("give --input (.txt or .jsonl) and --output (.jsonl)")
   if _WORKDIR.value:
-    config, task, params = checkpoint.load_params(_WORKDIR.value)
+    config, task, variables = checkpoint.load_params(_WORKDIR.value)
     if task.name not in _TASK_OF.values():
       raise app.UsageError(f"--workdir={_WORKDIR.value} trained a {config.task} model; predict "
                            "serves classification, token classification and QA runs")
   else:
-    task, params = load_from_hf(_INIT_FROM.value, _MAX_LEN.value)
+    task, variables = load_from_hf(_INIT_FROM.value, _MAX_LEN.value)
   with task.config.unlocked():
     task.config.eval_batch_size = _BATCH.value
-  rows = predict(task, params, read_records(_INPUT.value))
+  rows = predict(task, variables, read_records(_INPUT.value))
   os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
   with open(_OUTPUT.value, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

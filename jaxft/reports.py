@@ -6,10 +6,10 @@ import os
 import jax
 
 
-def run_eval(task, params, batches):
+def run_eval(task, variables, batches):
   """Host outputs of task.eval_outputs over `batches` (one device)."""
   step = jax.jit(task.eval_outputs)
-  return [jax.tree.map(jax.device_get, step(params, b)) for b in batches]
+  return [jax.tree.map(jax.device_get, step(variables, b)) for b in batches]
 
 
 def write_report(task, outputs, split: str, workdir: str) -> dict:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxft import peft
 from jaxft.state import TrainState
 
 
@@ -21,24 +22,35 @@ def _split_micro(batch, n: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
-  """loss_fn(params, batch, rng, deterministic) -> (loss_sum, aux sums: 'weight', 'tokens',
-  'correct'); see jaxft/tasks/base.py."""
-  grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, False), has_aux=True)
+def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
+                    regularizer=None):
+  """loss_fn(variables, batch, rng, deterministic) -> (loss_sum, aux sums: 'weight', 'tokens',
+  'correct'); see jaxft/tasks/base.py. The step is train_step(state, frozen, batch): gradients
+  are taken for state.params (the trainable variables) only; `frozen` completes the variables.
+  `regularizer(variables)` (AdaLoRA's orthogonality penalty) adds to the mean loss."""
 
-  def train_step(state: TrainState, batch):
+  def loss_of_trainable(params, frozen, batch, rng):
+    variables = peft.combine(frozen, params)
+    loss_sum, aux = loss_fn(variables, batch, rng, False)
+    if regularizer is not None:  # x weight: the step divides the sum by the total weight
+      loss_sum = loss_sum + regularizer(variables) * aux["weight"]
+    return loss_sum, aux
+
+  grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
+
+  def train_step(state: TrainState, frozen, batch):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if grad_accum_steps == 1:
-      (loss_sum, aux), grads = grad_fn(state.params, batch, step_key)
+      (loss_sum, aux), grads = grad_fn(state.params, frozen, batch, step_key)
     else:
       def accumulate(carry, xs):
         i, micro = xs
-        out = grad_fn(state.params, micro, jax.random.fold_in(step_key, i))
+        out = grad_fn(state.params, frozen, micro, jax.random.fold_in(step_key, i))
         return jax.tree.map(jnp.add, carry, out), None
 
       micro = _split_micro(batch, grad_accum_steps)
       first = jax.tree.map(lambda x: x[0], micro)
-      abstract = jax.eval_shape(grad_fn, state.params, first, step_key)
+      abstract = jax.eval_shape(grad_fn, state.params, frozen, first, step_key)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
       ((loss_sum, aux), grads), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(grad_accum_steps), micro))

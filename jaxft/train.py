@@ -18,11 +18,11 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
-from flax import linen as nn
 from ml_collections import config_flags
 
-from jaxft import checkpoint, hf, metrics, optim, reports, sharding, steps, tasks
+from jaxft import checkpoint, init_from, metrics, optim, peft, reports, sharding, steps, tasks
 from jaxft import state as state_lib
+from jaxft.peft import adalora
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:variant].",
                                           lock_config=True)
@@ -63,9 +63,10 @@ def _check_finite(records: list[dict], workdir: str, last_saved: int | None) -> 
           "> 0 or use float32 (config.model.dtype), then rerun to resume from that checkpoint.")
 
 
-def evaluate(eval_step, params, batches, batch_sh, task, split: str = "validation"):
+def evaluate(eval_step, params, frozen, batches, batch_sh, task, split: str = "validation"):
   """(metrics, host outputs) of one pass over `batches`."""
-  outputs = [_host(eval_step(params, sharding.global_batch(b, batch_sh))) for b in batches]
+  outputs = [_host(eval_step(params, frozen, sharding.global_batch(b, batch_sh)))
+             for b in batches]
   return task.summarize(outputs, split), outputs
 
 
@@ -137,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (or resumes) to config.num_steps (or early stopping); returns the final validation
   metrics (of the best checkpoint's params when the task reports on a test split)."""
   os.makedirs(workdir, exist_ok=True)
-  config = hf.apply_init_from(config)
+  config = init_from.resolve(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_divisible(config.batch_size, config.grad_accum_steps, mesh,
                                  config.axis_rules)
@@ -155,28 +156,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   num_steps = _num_steps(config, task)
   eval_every = _eval_every(config, task)
   checkpoint_every = int(config.checkpoint_every) or eval_every
-  tx, schedule = optim.make_optimizer(config.optim, num_steps)
+  tx, schedule = optim.make_optimizer(config.optim, num_steps, task.peft)
   if task.labels and jax.process_index() == 0:
     with open(os.path.join(workdir, checkpoint.LABELS_FILE), "w") as f:
       json.dump(task.labels, f, indent=1)
 
-  init_params = None
-  if latest is None and config.init_from:
-    init_fn = lambda: nn.unbox(task.init(jax.random.key(config.seed),  # noqa: E731
-                                         config.seq_len))["params"]
-    init_params = hf.load_params(config.init_from, jax.eval_shape(init_fn), task.architecture,
-                                 init_fn=init_fn)
-  shardings = state_lib.state_shardings(task, tx, config.seq_len, mesh, config.axis_rules)
+  lay = state_lib.layout(task, config.seq_len, mesh, config.axis_rules)
+  shardings = state_lib.state_shardings(lay, tx, mesh)
   meta = {}
   if latest is None:
-    state, _ = state_lib.create_train_state(task, tx, seq_len=config.seq_len, seed=config.seed,
-                                            mesh=mesh, axis_rules=config.axis_rules,
-                                            params=init_params)
+    state, frozen, _, _ = state_lib.create_train_state(
+        task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh,
+        axis_rules=config.axis_rules, variables=init_from.initial_variables(task, config, lay))
   else:
-    target = state_lib.abstract_state(task, tx, seq_len=config.seq_len, shardings=shardings)
+    # The frozen base is not in checkpoints: rebuilt from config.init_from (or the seed).
+    frozen = (lay.split(init_from.initial_variables(task, config, lay))[1] if lay.has_frozen
+              else {})
+    target = state_lib.abstract_state(lay, tx, shardings)
     state, meta = ckpt.restore(latest, target, train_iter)
     log.info("resumed from step %d in %s", latest, ckpt.directory)
+    _check_base(meta, frozen, config)
     _truncate_metrics(workdir, latest)
+  base_fingerprint = state_lib.fingerprint(frozen)
   checkpoint.save_config(workdir, config)
   metrics.write_run_info(workdir)
 
@@ -187,18 +188,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best_ckpt = checkpoint.BestParams(workdir)
 
   batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
+  _, frozen_sh = lay.split(lay.shardings)
   train_step = jax.jit(
-      steps.make_train_step(task.loss, tx, schedule, config.grad_accum_steps),
-      in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = jax.jit(task.eval_outputs, in_shardings=(shardings.params, None))
+      steps.make_train_step(task.loss, tx, schedule, config.grad_accum_steps,
+                            regularizer=task.peft.regularizer),
+      in_shardings=(shardings, frozen_sh, None), out_shardings=(shardings, None),
+      donate_argnums=0)
+  eval_step = jax.jit(lambda p, f, b: task.eval_outputs(peft.combine(f, p), b),
+                      in_shardings=(shardings.params, frozen_sh, None))
 
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  counts = parameter_counts(state, frozen)
   flops_tok = metrics.flops_per_token(task.model_cfg, config.seq_len)
   peak, peak_src = metrics.peak_flops_per_device()
-  log.info("model: %s parameters; mesh %s; %.1f MFLOP/token (MFU vs %s); %d steps", f"{n_params:,}",
+  log.info("model: %s parameters, %s trainable (%.2f%%; %s, peak lr %g); optimizer state %s "
+           "bytes; mesh %s; %.1f MFLOP/token (MFU vs %s); %d steps",
+           f"{counts['params/total']:,}", f"{counts['params/trainable']:,}",
+           counts["params/trainable_percent"], task.peft.describe(),
+           task.peft.learning_rate(config.optim.lr), f"{counts['optimizer/state_bytes']:,}",
            dict(mesh.shape), flops_tok / 1e6, peak_src, num_steps)
 
   writer = metrics.Writer(workdir)
+  writer.write(int(jax.device_get(state.step)), counts)
   start = int(jax.device_get(state.step))
   stopped = bool(meta.get("stopped"))
   last_saved = latest
@@ -234,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stopped:
         break
       batch = sharding.global_batch(next(train_iter), batch_sh)
-      state, step_metrics = train_step(state, batch)
+      state, step_metrics = train_step(state, frozen, batch)
       pending.append(step_metrics)
       done = step + 1
       bar.update(1)
@@ -247,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         flush(done)
       if done % eval_every == 0 or is_last:
         flush(done)
-        val, _ = evaluate(eval_step, state.params, eval_batches, batch_sh, task)
+        val, _ = evaluate(eval_step, state.params, frozen, eval_batches, batch_sh, task)
         writer.write(done, {f"val/{k}": v for k, v in val.items()})
         if tracker.update(done, val):
           best_ckpt.save(done, state.params, {"step": done, "val": val, "labels": task.labels})
@@ -260,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         flush(done)  # never save past a non-finite loss
         ckpt.save(done, state, train_iter, {"step": done, "val": val, "stopped": stopped,
                                             "early_stopping": tracker.state(),
-                                            "labels": task.labels})
+                                            "labels": task.labels,
+                                            "base_fingerprint": base_fingerprint})
         last_saved = done
         t_last = time.perf_counter()
     if num_steps > start and not meta.get("stopped"):
@@ -274,25 +285,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
 
   if not val:  # nothing left to train (already finished): still report
-    val, _ = evaluate(eval_step, state.params, eval_batches, batch_sh, task)
+    val, _ = evaluate(eval_step, state.params, frozen, eval_batches, batch_sh, task)
   final_params = state.params
   if tracker.best_step is not None and tracker.best_step != int(jax.device_get(state.step)):
     log.info("best %s %.4f at step %d: reporting with those params", tracker.metric,
              tracker.best, tracker.best_step)
-    abstract = state_lib.abstract_state(task, tx, seq_len=config.seq_len, shardings=shardings)
-    final_params = best_ckpt.restore(abstract.params)
-    val, _ = evaluate(eval_step, final_params, eval_batches, batch_sh, task)
+    final_params = best_ckpt.restore(state_lib.abstract_state(lay, tx, shardings).params)
+    val, _ = evaluate(eval_step, final_params, frozen, eval_batches, batch_sh, task)
   report_split = task.report_split()
   if report_split:
     batches = task.eval_batches(report_split, **proc)
-    _, outputs = evaluate(eval_step, final_params, batches, batch_sh, task, report_split)
+    _, outputs = evaluate(eval_step, final_params, frozen, batches, batch_sh, task, report_split)
     reports.write_report(task, outputs, report_split, workdir)
+  ranks = adalora.rank_pattern(state.opt_state)
+  if ranks and jax.process_index() == 0:
+    log.info("AdaLoRA ranks kept per module (%d in all): %s", sum(ranks.values()), ranks)
   if jax.process_index() == 0:
     png = metrics.plot_loss_curve(workdir, metrics.read_metrics(workdir))
-    task.finish(workdir, _host(final_params), val, eval_batches)
+    task.finish(workdir, _host(peft.combine(frozen, final_params)), val, eval_batches)
     if png:
       print(f"loss curve: {png}")
   return val
+
+
+def parameter_counts(state, frozen) -> dict:
+  """Total / trainable parameters and the optimizer state's bytes (it scales with the
+  trainable count: the point of PEFT)."""
+  trainable, total = peft.count(state.params), peft.count(state.params) + peft.count(frozen)
+  return {"params/total": total, "params/trainable": trainable,
+          "params/trainable_percent": 100.0 * trainable / max(total, 1),
+          "optimizer/state_bytes": peft.nbytes(state.opt_state)}
+
+
+def _check_base(meta: dict, frozen, config) -> None:
+  saved = meta.get("base_fingerprint")
+  if saved is None or not frozen:
+    return
+  now = state_lib.fingerprint(frozen)
+  if not np.isclose(now, saved, rtol=1e-6, atol=0.0):
+    raise ValueError(f"config.init_from={config.init_from!r} no longer holds the base model this "
+                     f"run was trained on (checksum {now:.6g}, the checkpoint's {saved:.6g}); "
+                     "point config.init_from at the original base model to resume")
 
 
 def _truncate_metrics(workdir: str, step: int) -> None:

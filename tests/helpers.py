@@ -67,3 +67,51 @@ def set_fields(config, overrides: dict):
       node = node[p]
     node[leaf] = value
   return config
+
+
+# -- fine-tuning: a tiny random BERT with all-MiniLM-L6-v2's tokenizer, keyword topics --------
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=128)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt")
+SPORT = "match goal team coach striker league cup score season player".split()
+MONEY = "bank shares profit market investor economy price trade growth fund".split()
+FILLER = "the a of and in on with for today said".split()
+
+
+def save_tiny_bert(path, seed: int = 0) -> str:
+  """A random-init transformers BertModel directory with the real all-MiniLM-L6-v2 tokenizer."""
+  import shutil
+
+  import torch
+  import transformers
+
+  from configs import common
+
+  torch.manual_seed(seed)
+  transformers.BertModel(transformers.BertConfig(**TINY_BERT)).save_pretrained(path)
+  for name in TOKENIZER_FILES:
+    shutil.copy(os.path.join(common.minilm_dir(), name), path)
+  return str(path)
+
+
+def topic_rows(n, seed):
+  """Two keyword topics (sport / money) a tiny model learns in a few dozen steps."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    label, words = ("sport", SPORT) if i % 2 else ("money", MONEY)
+    text = " ".join(rng.choice(list(words) * 2 + FILLER, size=12))
+    rows.append({"text": text, "label": label})
+  return rows
+
+
+def write_csv(path, rows):
+  import csv
+
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=["text", "label"])
+    w.writeheader()
+    w.writerows(rows)
+  return str(path)

@@ -4,7 +4,6 @@ evaluate / predict / export CLIs, and the errors a user can cause."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -13,48 +12,9 @@ import pytest
 import torch
 import transformers
 
-from configs import common, finetune
+from configs import finetune
 from jaxft import checkpoint, reports, train
-from tests.helpers import ROOT, set_fields
-
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=64, max_position_embeddings=128)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt")
-SPORT = "match goal team coach striker league cup score season player".split()
-MONEY = "bank shares profit market investor economy price trade growth fund".split()
-FILLER = "the a of and in on with for today said".split()
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-  """A random-init BertModel directory with the real all-MiniLM-L6-v2 tokenizer files."""
-  path = tmp_path_factory.mktemp("tiny_bert")
-  torch.manual_seed(0)
-  transformers.BertModel(transformers.BertConfig(**TINY_BERT)).save_pretrained(path)
-  for name in TOKENIZER_FILES:
-    shutil.copy(os.path.join(common.minilm_dir(), name), path)
-  return str(path)
-
-
-def _topic_rows(n, seed):
-  rng = np.random.default_rng(seed)
-  rows = []
-  for i in range(n):
-    label, words = ("sport", SPORT) if i % 2 else ("money", MONEY)
-    text = " ".join(rng.choice(list(words) * 2 + FILLER, size=12))
-    rows.append({"text": text, "label": label})
-  return rows
-
-
-def _write_csv(path, rows):
-  import csv
-
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=["text", "label"])
-    w.writeheader()
-    w.writerows(rows)
-  return str(path)
+from tests.helpers import FILLER, ROOT, set_fields, topic_rows, write_csv
 
 
 def _config(variant, tmp_path, init_from, **overrides):
@@ -78,8 +38,8 @@ def _cli(module, *args):
 
 
 def test_classification_run_best_checkpoint_reports_and_clis(tmp_path, tiny_bert, capsys):
-  train_csv = _write_csv(tmp_path / "train.csv", _topic_rows(160, 0))
-  val_csv = _write_csv(tmp_path / "val.csv", _topic_rows(40, 1))
+  train_csv = write_csv(tmp_path / "train.csv", topic_rows(160, 0))
+  val_csv = write_csv(tmp_path / "val.csv", topic_rows(40, 1))
   config = _config("classification", tmp_path, tiny_bert, **{
       "data.train": train_csv, "data.validation": val_csv, "data.test_fraction": 0.2,
       "num_steps": 40, "eval_every": 10})
@@ -122,7 +82,7 @@ def test_classification_run_best_checkpoint_reports_and_clis(tmp_path, tiny_bert
 
 
 def test_early_stopping_keeps_the_best_params(tmp_path, tiny_bert, capsys):
-  train_csv = _write_csv(tmp_path / "train.csv", _topic_rows(80, 0))
+  train_csv = write_csv(tmp_path / "train.csv", topic_rows(80, 0))
   # lr 0 after warmup-free constant: nothing improves, so patience 2 stops after 3 evaluations
   config = _config("classification", tmp_path, tiny_bert, **{
       "data.train": train_csv, "num_steps": 50, "eval_every": 5,
@@ -212,10 +172,10 @@ def test_qa_run_long_contexts_and_answer_spans(tmp_path, tiny_bert):
 
 
 def test_errors_a_user_can_cause(tmp_path, tiny_bert):
-  train_csv = _write_csv(tmp_path / "train.csv", _topic_rows(40, 0))
-  odd = _topic_rows(10, 1)
+  train_csv = write_csv(tmp_path / "train.csv", topic_rows(40, 0))
+  odd = topic_rows(10, 1)
   odd[3]["label"] = "weather"
-  val_csv = _write_csv(tmp_path / "val.csv", odd)
+  val_csv = write_csv(tmp_path / "val.csv", odd)
   config = _config("classification", tmp_path, tiny_bert, **{
       "data.train": train_csv, "data.validation": val_csv, "num_steps": 2})
   with pytest.raises(ValueError, match=r"validation example 3 has label 'weather'.*"
@@ -235,7 +195,7 @@ def test_errors_a_user_can_cause(tmp_path, tiny_bert):
     train.train_and_evaluate(config, str(tmp_path / "c"))
 
   config = _config("classification", tmp_path, tiny_bert, **{
-      "data.train": _write_csv(tmp_path / "few.csv", _topic_rows(4, 0)), "num_steps": 2})
+      "data.train": write_csv(tmp_path / "few.csv", topic_rows(4, 0)), "num_steps": 2})
   with pytest.raises(ValueError, match=r"empty.*validation"):
     train.train_and_evaluate(config, str(tmp_path / "d"))
 
@@ -250,7 +210,7 @@ def test_gpt2_classifier_trains_and_exports_to_transformers(tmp_path):
       n_layer=2, n_embd=32, n_head=2, n_positions=64)).save_pretrained(hf_in)
   load_tokenizer().save(str(hf_in))  # GPT-2's BPE, as a HF tokenizer directory
   config = _config("classification", tmp_path, str(hf_in), **{
-      "data.train": _write_csv(tmp_path / "train.csv", _topic_rows(80, 0)), "num_steps": 30,
+      "data.train": write_csv(tmp_path / "train.csv", topic_rows(80, 0)), "num_steps": 30,
       "eval_every": 15})
   workdir = tmp_path / "run"
   val = train.train_and_evaluate(config, str(workdir))

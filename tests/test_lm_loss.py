@@ -43,7 +43,7 @@ def test_task_loss_and_grads_equal_with_and_without_fusion():
     config = tiny_config()
     config.lm_loss_chunk = chunk
     task = tasks.make_task(config)
-    params = nn.unbox(task.init(jax.random.key(0), config.seq_len))["params"]
+    params = nn.unbox(task.init(jax.random.key(0), config.seq_len))
     batch = random_batch(config)
     (loss, aux), g = jax.value_and_grad(task.loss, has_aux=True)(params, batch, None, True)
     losses.append((loss, aux["correct"], aux["tokens"]))

@@ -128,7 +128,7 @@ def test_loss_equals_cross_entropy_of_full_logits(task):
   params = nn.unbox(jax.jit(task.init, static_argnums=1)(jax.random.key(1),
                                                           task.config.seq_len))["params"]
   batch = _rows(task, [30, 30, 12, 3], seed=1, inner_seps=1)
-  loss_fn = jax.jit(lambda p, b, r: task.loss(p, b, r, deterministic=True))
+  loss_fn = jax.jit(lambda p, b, r: task.loss({"params": p}, b, r, deterministic=True))
   logits_fn = jax.jit(lambda p, x, b: task.model.apply(
       {"params": p}, x, b["segment_ids"], b["token_types"], b["positions"]))  # [B, T, V]
   for rng in (jax.random.key(5), None):  # a training step's masks, the validation masks
@@ -188,7 +188,7 @@ def test_rows_are_cls_text_sep_and_cover_the_split_once(tmp_path):
                                                          config.seq_len))["params"]
   params["mlm_bias"] = params["mlm_bias"].at[base["token_id"]].set(100.0)
   eval_step = jax.jit(task.eval_outputs)
-  val = task.summarize([jax.device_get(eval_step(params, b)) for b in batches])
+  val = task.summarize([jax.device_get(eval_step({"params": params}, b)) for b in batches])
   assert 0 < base["accuracy"] < 0.3
   assert val["mlm_accuracy"] == pytest.approx(base["accuracy"], abs=1e-6)
 

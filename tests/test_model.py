@@ -53,7 +53,7 @@ def test_remat_gives_the_same_loss_and_gradients(policy):
   for remat in ("none", policy):
     config.model.remat = remat
     task = tasks.make_task(config)
-    params = nn.unbox(task.init(jax.random.key(0), config.seq_len))["params"]
+    params = nn.unbox(task.init(jax.random.key(0), config.seq_len))
     results.append(jax.value_and_grad(lambda p, t=task: t.loss(p, batch, None, True)[0])(params))
   (l0, g0), (l1, g1) = results
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
@@ -73,7 +73,7 @@ def test_bfloat16_compute_tracks_float32():
     task = tasks.make_task(config)
     params = nn.unbox(task.init(jax.random.key(0), config.seq_len))["params"]
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # fp32 master params
-    loss_sum, aux = task.loss(params, batch, None, True)
+    loss_sum, aux = task.loss({"params": params}, batch, None, True)
     losses[dtype] = float(loss_sum / aux["tokens"])
   assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
 

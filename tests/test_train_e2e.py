@@ -35,7 +35,7 @@ def test_run_writes_everything_a_user_looks_at(tmp_path, capsys):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # keep-N
   saved_config, _, params = checkpoint.load_params(workdir)
   assert saved_config.num_steps == 6
-  assert params["transformer"]["wte"]["embedding"].shape == (50257, 32)
+  assert params["params"]["transformer"]["wte"]["embedding"].shape == (50257, 32)
 
 
 def _train_cmd(workdir, corpus, tfds_dir, steps):

@@ -15,17 +15,18 @@ def run_steps(config, devices, n_steps=2, batch_seed=0):
   """Losses of n_steps train steps on one fixed batch, and the final params on the host."""
   mesh = sharding.make_mesh(config.mesh, devices)
   task = tasks.make_task(config)
-  tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
-  state, shardings = state_lib.create_train_state(
+  tx, schedule = optim.make_optimizer(config.optim, config.num_steps, task.peft)
+  state, frozen, shardings, lay = state_lib.create_train_state(
       task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh, axis_rules=config.axis_rules)
   batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
-  step = jax.jit(steps.make_train_step(task.loss, tx, schedule, config.grad_accum_steps),
-                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None),
-                 donate_argnums=0)
+  step = jax.jit(steps.make_train_step(task.loss, tx, schedule, config.grad_accum_steps,
+                                       regularizer=task.peft.regularizer),
+                 in_shardings=(shardings, lay.split(lay.shardings)[1], batch_sh),
+                 out_shardings=(shardings, None), donate_argnums=0)
   batch = sharding.global_batch(random_batch(config, batch_seed), batch_sh)
   losses = []
   for _ in range(n_steps):
-    state, m = step(state, batch)
+    state, m = step(state, frozen, batch)
     losses.append(float(m["loss"]))
   return np.array(losses), jax.device_get(state.params), state
 
@@ -49,7 +50,7 @@ def test_every_mesh_shape_gives_the_single_device_loss(reference, data, fsdp, te
   config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
   losses, params, state = run_steps(config, jax.devices())
   np.testing.assert_allclose(losses, reference[0], rtol=0, atol=1e-5)
-  kernel = state.params["transformer"]["h_0"]["mlp"]["fc"]["kernel"]
+  kernel = state.params["params"]["transformer"]["h_0"]["mlp"]["fc"]["kernel"]
   # [embed, mlp] is split fsdp x tensor ways: per-device bytes shrink as FSDP/TP grow.
   assert kernel.addressable_shards[0].data.size == kernel.size // (fsdp * tensor)
 
@@ -66,12 +67,12 @@ def _gradient(config):
   mesh = sharding.make_mesh(config.mesh)
   task = tasks.make_task(config)
   tx = _record_gradient()
-  state, shardings = state_lib.create_train_state(
+  state, frozen, shardings, _ = state_lib.create_train_state(
       task, tx, seq_len=config.seq_len, seed=0, mesh=mesh, axis_rules=config.axis_rules)
   batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
   step = jax.jit(steps.make_train_step(task.loss, tx, lambda s: 1.0, config.grad_accum_steps),
-                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
-  after, metrics = step(state, sharding.global_batch(random_batch(config, 1), batch_sh))
+                 in_shardings=(shardings, None, batch_sh), out_shardings=(shardings, None))
+  after, metrics = step(state, frozen, sharding.global_batch(random_batch(config, 1), batch_sh))
   return float(metrics["loss"]), jax.device_get(after.opt_state)
 
 
@@ -162,3 +163,27 @@ def test_linear_schedule_warms_up_over_a_fraction_then_decays_to_zero():
   assert float(schedule(10)) == pytest.approx(1.0)
   assert float(schedule(55)) == pytest.approx(0.5)
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "adapter", "prefix", "prompt"])
+def test_peft_on_8_devices_gives_the_single_device_loss(method):
+  """PEFT params shard like the weights they adapt; data x fsdp x tensor = 2 x 2 x 2 trains
+  exactly as one device does."""
+  def config():
+    c = tiny_config()
+    c.peft.update(method=method, rank=4, init_rank=6, adapter_size=8, num_virtual_tokens=3,
+                  targets="attn.*|mlp.*" if method in ("lora", "adalora") else "",
+                  mask_every=1, warmup_fraction=0.0, final_fraction=0.0)
+    c.num_steps = 3
+    return c
+
+  one = config()
+  one.mesh.data = 1
+  reference, _, _ = run_steps(one, jax.devices()[:1], n_steps=3)
+  eight = config()
+  eight.mesh.update(data=2, fsdp=2, tensor=2)
+  losses, params, state = run_steps(eight, jax.devices(), n_steps=3)
+  np.testing.assert_allclose(losses, reference, rtol=0, atol=1e-5)
+  if method == "lora":
+    a = state.params["peft"]["transformer"]["h_0"]["mlp"]["fc"]["lora_b"]  # [r, mlp]
+    assert a.addressable_shards[0].data.size == a.size // 2  # mlp over tensor

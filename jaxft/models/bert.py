@@ -72,6 +72,7 @@ class Attention(nn.Module):
         bias_init=_zeros(("heads", "kv")))
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # [B, T, H, Dh]
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "kv"))
+    k, v, attend = layers.ExtendKeys(name="extend_keys")(k, v, attend)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
     scores = jnp.where(attend[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
@@ -85,6 +86,19 @@ class Attention(nn.Module):
     return LayerNorm(cfg, name="ln")(out + x)  # post-LN
 
 
+class MLP(nn.Module):
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.cfg
+    h = dense(cfg, cfg.intermediate_size, "fc", ("embed", "mlp"))(x)
+    h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+    h = jax.nn.gelu(h, approximate=False)  # HF "gelu": exact erf GELU
+    h = dense(cfg, cfg.hidden_size, "proj", ("mlp", "embed"))(h)
+    return nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+
+
 class Layer(nn.Module):
   cfg: BertConfig
 
@@ -92,11 +106,8 @@ class Layer(nn.Module):
   def __call__(self, x, attend, *, deterministic: bool):
     cfg = self.cfg
     x = Attention(cfg, name="attn")(x, attend, deterministic=deterministic)
-    h = dense(cfg, cfg.intermediate_size, "fc", ("embed", "mlp"))(x)
-    h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
-    h = jax.nn.gelu(h, approximate=False)  # HF "gelu": exact erf GELU
-    h = dense(cfg, cfg.hidden_size, "proj", ("mlp", "embed"))(h)
-    h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+    # attn/* and mlp/* scopes as in GPT-2, so PEFT target patterns read the same for both.
+    h = MLP(cfg, name="mlp")(x, deterministic=deterministic)
     out = LayerNorm(cfg, name="ln")(h + x)
     return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
 
@@ -133,10 +144,13 @@ class BertModel(nn.Module):
     x = LayerNorm(cfg, name="ln_embed")(x)
     x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    length = x.shape[1]
+    x, segment_ids = layers.ExtendInputs(name="extend_inputs")(x, segment_ids)
     attend = ((segment_ids[:, :, None] == segment_ids[:, None, :])
               & (segment_ids[:, None, :] > 0))  # [B, Tq, Tk]
     for i in range(cfg.num_hidden_layers):
       x = Layer(cfg, name=f"layer_{i}")(x, attend, deterministic=deterministic)
+    x = x[:, x.shape[1] - length:]  # drop what ExtendInputs prepended
     if not self.add_pooling_layer:
       return x, None
     pooled = jnp.tanh(dense(cfg, cfg.hidden_size, "pooler", ("embed", None))(x[:, 0]))

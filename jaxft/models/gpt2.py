@@ -76,6 +76,8 @@ class Attention(nn.Module):
       causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
       same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
       mask = causal & same_segment  # [B, Tq, Tk]
+    # After the cache: a prefix is never written into it, so it serves every decoding step.
+    k, v, mask = layers.ExtendKeys(name="extend_keys")(k, v, mask)
 
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
@@ -172,6 +174,7 @@ class GPT2Model(nn.Module):
     self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
     self.ln_f = LayerNorm(cfg)
     self.drop = nn.Dropout(cfg.embd_pdrop)
+    self.extend_inputs = layers.ExtendInputs()
 
   def __call__(self, tokens, positions, segment_ids=None, *, deterministic: bool = True,
                decode: bool = False):
@@ -180,9 +183,11 @@ class GPT2Model(nn.Module):
     x = self.wte(tokens) + self.wpe(positions)
     x = self.drop(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    length = x.shape[1]
+    x, segment_ids = self.extend_inputs(x, segment_ids, decode)
     for block in self.h:
       x = block(x, segment_ids, deterministic, decode)
-    return self.ln_f(x)
+    return self.ln_f(x[:, x.shape[1] - length:])  # drop what extend_inputs prepended
 
   def logits(self, hidden):
     """Tied LM head: hidden [B, T, D] @ wte.T -> [B, T, V]."""

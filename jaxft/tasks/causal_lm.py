@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxft import peft
 from jaxft.data import pipeline
 from jaxft.models.lm_loss import lm_head_cross_entropy
 from jaxft.tasks.base import Task
@@ -41,25 +42,23 @@ class CausalLM(Task):
   def init(self, rng, seq_len: int):
     """Boxed (logically partitioned) variables for a [1, seq_len] dummy batch."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return self.model.init(rng, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))
+    return self.init_model(rng, tokens, jnp.zeros_like(tokens), jnp.ones_like(tokens))
 
-  def _forward(self, params, batch, rng, deterministic, method="__call__"):
-    return self.model.apply(
-        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-        deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
-        method=method)
+  def _forward(self, variables, batch, rng, deterministic, method="__call__"):
+    return self.apply(variables, batch["inputs"], batch["positions"], batch["segment_ids"],
+                      rng=rng, deterministic=deterministic, method=method)
 
-  def loss(self, params, batch, rng, deterministic: bool = False):
+  def loss(self, variables, batch, rng, deterministic: bool = False):
     """(sum of masked token losses, aux sums). The step divides by the global token count."""
     mask = batch["loss_mask"].astype(jnp.float32)
     tokens = jnp.sum(mask)
     if self.loss_chunk:  # fused LM head + softmax over sequence chunks (jaxft/models/lm_loss.py)
-      hidden = self._forward(params, batch, rng, deterministic, method="hidden")
-      embedding = self.model.apply({"params": params}, method="embedding")
+      hidden = self._forward(variables, batch, rng, deterministic, method="hidden")
+      embedding = self.model.apply(variables, method="embedding")
       loss_sum, correct = lm_head_cross_entropy(hidden, embedding, batch["targets"], mask,
                                                 chunk=self.loss_chunk)
       return loss_sum, {"weight": tokens, "tokens": tokens, "correct": correct}
-    logits = self._forward(params, batch, rng, deterministic)
+    logits = self._forward(variables, batch, rng, deterministic)
     losses = token_cross_entropy(logits, batch["targets"])
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     return jnp.sum(losses * mask), {"weight": tokens, "tokens": tokens,
@@ -82,8 +81,8 @@ class CausalLM(Task):
 
   # -- evaluation ------------------------------------------------------------------------------
 
-  def eval_outputs(self, params, batch):
-    loss_sum, aux = self.loss(params, batch, None, deterministic=True)
+  def eval_outputs(self, variables, batch):
+    loss_sum, aux = self.loss(variables, batch, None, deterministic=True)
     return {"loss_sum": loss_sum, **aux}
 
   def summarize(self, outputs, split: str = "validation") -> dict[str, float]:
@@ -93,7 +92,7 @@ class CausalLM(Task):
     return {"loss": loss, "perplexity": float(np.exp(loss)),
             "accuracy": float(sums["correct"]) / tokens}
 
-  def finish(self, workdir: str, params, val: dict, eval_batches) -> None:
+  def finish(self, workdir: str, variables, val: dict, eval_batches) -> None:
     """Validation loss next to the unigram baseline, then sample generations."""
     c = self.config
     unigram = pipeline.unigram_cross_entropy(c.data, eval_batches)
@@ -106,7 +105,7 @@ class CausalLM(Task):
 
       tok = load_tokenizer(c.data.tokenizer or None)
       prompts = [tok.encode(p) for p in c.sample.prompts]
-      outs = generate.generate(self.model, params, prompts,
+      outs = generate.generate(peft.bind(self.model, self.peft), variables, prompts,
                                max_new_tokens=c.sample.max_new_tokens,
                                temperature=c.sample.temperature, top_k=c.sample.top_k,
                                seed=c.seed, eos_id=tok.eos_id)

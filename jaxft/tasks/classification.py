@@ -50,6 +50,7 @@ def encode_texts(tokenizer, texts: list[str], max_len: int, family: str) -> dict
 class SequenceClassification(LabeledTask):
   name = "classification"
   head = "classification"
+  trainable_head = r"^(classifier|score)/"  # BERT's classifier, GPT-2's score
   kind = "classification"
   has_labels = True
   default_metric = ("accuracy", "max")
@@ -78,16 +79,16 @@ class SequenceClassification(LabeledTask):
              "probabilities": {name: round(float(q), 6) for name, q in zip(self.labels, p)}}
             for e, p in zip(examples, probs)]
 
-  def loss(self, params, batch, rng, deterministic: bool = False):
-    logits = self.logits(params, batch, rng, deterministic)
+  def loss(self, variables, batch, rng, deterministic: bool = False):
+    logits = self.logits(variables, batch, rng, deterministic)
     mask = batch["example_mask"]
     correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
     return (jnp.sum(cross_entropy(logits, batch["labels"]) * mask),
             {"weight": jnp.sum(mask), "tokens": jnp.sum(batch["segment_ids"] > 0),
              "correct": jnp.sum(correct * mask)})
 
-  def eval_outputs(self, params, batch):
-    logits = self.logits(params, batch)
+  def eval_outputs(self, variables, batch):
+    logits = self.logits(variables, batch)
     mask = batch["example_mask"]
     return {"logits": logits.astype(jnp.float32), "weight": jnp.sum(mask),
             "loss_sum": jnp.sum(cross_entropy(logits, batch["labels"]) * mask)}

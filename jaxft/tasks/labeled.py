@@ -163,14 +163,12 @@ class LabeledTask(Task, abc.ABC):
 
   # -- evaluation helpers ----------------------------------------------------------------------
 
-  def logits(self, params, batch, rng=None, deterministic=True):
-    return self.model.apply(
-        {"params": params}, batch["inputs"], batch["segment_ids"], batch["token_types"],
-        batch["positions"], deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": rng})
+  def logits(self, variables, batch, rng=None, deterministic=True):
+    return self.apply(variables, batch["inputs"], batch["segment_ids"], batch["token_types"],
+                      batch["positions"], rng=rng, deterministic=deterministic)
 
-  def finish(self, workdir, params, val, eval_batches) -> None:
-    print(f"validation (best params): {', '.join(f'{k} {v:.4f}' for k, v in val.items())}")
+  def finish(self, workdir, variables, val, eval_batches) -> None:
+    print(f"validation (best checkpoint): {', '.join(f'{k} {v:.4f}' for k, v in val.items())}")
 
   @staticmethod
   def gather(outputs, key: str, n: int) -> np.ndarray:

@@ -167,7 +167,7 @@ class MaskedLM(Task):
     """Boxed variables for a [1, seq_len] dummy batch (the head shares the word embedding, so
     scoring every position creates the same parameters as scoring a few)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return self.model.init(rng, tokens, jnp.ones_like(tokens))
+    return self.init_model(rng, tokens, jnp.ones_like(tokens))
 
   # -- masking and loss ------------------------------------------------------------------------
 
@@ -194,16 +194,16 @@ class MaskedLM(Task):
                            vocab_size=self.vocab_size)
     return jax.vmap(fn)(keys, batch["inputs"], self._maskable(batch))
 
-  def loss(self, params, batch, rng, deterministic: bool = False):
+  def loss(self, variables, batch, rng, deterministic: bool = False):
     """(sum of cross-entropy over the scored positions, aux sums). rng None: the fixed
     validation masks of batch["row_index"]."""
     if not deterministic and rng is None:
       raise ValueError("masked_lm training (deterministic=False) needs an rng for dropout")
     inputs, positions, targets, weights = self.mask(batch, self.mask_keys(batch, rng))
-    logits = self.model.apply(
-        {"params": params}, inputs, batch["segment_ids"], batch["token_types"],
-        batch["positions"], positions, deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": jax.random.fold_in(rng, 1)})  # [B, K, V]
+    logits = self.apply(
+        variables, inputs, batch["segment_ids"], batch["token_types"], batch["positions"],
+        positions, deterministic=deterministic,
+        rng=None if deterministic else jax.random.fold_in(rng, 1))  # [B, K, V]
     losses = token_cross_entropy(logits, targets)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return jnp.sum(losses * weights), {
@@ -270,8 +270,8 @@ class MaskedLM(Task):
 
   # -- evaluation ------------------------------------------------------------------------------
 
-  def eval_outputs(self, params, batch):
-    loss_sum, aux = self.loss(params, batch, None, deterministic=True)
+  def eval_outputs(self, variables, batch):
+    loss_sum, aux = self.loss(variables, batch, None, deterministic=True)
     return {"loss_sum": loss_sum, **aux}
 
   def summarize(self, outputs, split: str = "validation") -> dict[str, float]:
@@ -319,7 +319,7 @@ class MaskedLM(Task):
             "accuracy": float(((targets == top) * weights).sum()) / total,
             "unigram_loss": float(-(log_p[targets] * weights).sum()) / total}
 
-  def finish(self, workdir: str, params, val: dict, eval_batches) -> None:
+  def finish(self, workdir: str, variables, val: dict, eval_batches) -> None:
     """Validation MLM accuracy and loss next to the most-frequent-token and unigram baselines
     on the same scored positions, then the model's fill-ins of one validation row."""
     if jax.process_count() > 1:  # this process holds only its rows: score all of them here
@@ -328,19 +328,20 @@ class MaskedLM(Task):
     print(f"validation MLM accuracy {val['mlm_accuracy']:.4f} (loss {val['loss']:.4f}) vs "
           f"most-frequent-token baseline {base['accuracy']:.4f} ({base['token']!r}); unigram "
           f"baseline loss {base['unigram_loss']:.4f}")
-    self._print_fill_ins(params, eval_batches[0])
+    self._print_fill_ins(variables, eval_batches[0])
 
-  def _print_fill_ins(self, params, batch, max_shown: int = 12) -> None:
+  def _print_fill_ins(self, variables, batch, max_shown: int = 12) -> None:
     row = {k: v[:1] for k, v in batch.items()}
     if row["segment_ids"].sum() == 0:
       return
-    def fill_in(params, row):
+    def fill_in(variables, row):
       inputs, positions, targets, weights = self.mask(row, self.mask_keys(row, None))
-      logits = self.model.apply({"params": params}, inputs, row["segment_ids"],
-                                row["token_types"], row["positions"], positions)
+      logits = self.apply(variables, inputs, row["segment_ids"], row["token_types"],
+                          row["positions"], positions)
       return inputs, positions, targets, weights, jnp.argmax(logits, axis=-1)
 
-    inputs, positions, targets, weights, predicted = jax.device_get(jax.jit(fill_in)(params, row))
+    inputs, positions, targets, weights, predicted = jax.device_get(
+        jax.jit(fill_in)(variables, row))
     predicted = predicted[0]
     order = np.argsort(positions[0])
     shown = [(positions[0][i], targets[0][i], predicted[i]) for i in order if weights[0][i] > 0]

@@ -19,6 +19,7 @@ from jaxft.tasks.labeled import LabeledTask
 class QuestionAnswering(LabeledTask):
   name = "question_answering"
   head = "question_answering"
+  trainable_head = r"^qa_outputs/"
   kind = "qa"
   default_metric = ("f1", "max")
   batch_keys = ("start_positions", "end_positions")
@@ -55,8 +56,8 @@ class QuestionAnswering(LabeledTask):
                      + cross_entropy(end, batch["end_positions"]))
     return jnp.sum(per_row * batch["example_mask"])
 
-  def loss(self, params, batch, rng, deterministic: bool = False):
-    start, end = self.logits(params, batch, rng, deterministic)
+  def loss(self, variables, batch, rng, deterministic: bool = False):
+    start, end = self.logits(variables, batch, rng, deterministic)
     mask = batch["example_mask"]
     correct = ((jnp.argmax(start, -1) == batch["start_positions"])
                & (jnp.argmax(end, -1) == batch["end_positions"])).astype(jnp.float32)
@@ -64,8 +65,8 @@ class QuestionAnswering(LabeledTask):
         "weight": jnp.sum(mask), "tokens": jnp.sum(batch["segment_ids"] > 0),
         "correct": jnp.sum(correct * mask)}
 
-  def eval_outputs(self, params, batch):
-    start, end = self.logits(params, batch)
+  def eval_outputs(self, variables, batch):
+    start, end = self.logits(variables, batch)
     return {"start": start, "end": end, "loss_sum": self._loss_sum(start, end, batch),
             "weight": jnp.sum(batch["example_mask"])}
 

@@ -47,6 +47,7 @@ def word_tags(first_token: np.ndarray, predictions: np.ndarray, n_words: int,
 class TokenClassification(LabeledTask):
   name = "token_classification"
   head = "token_classification"
+  trainable_head = r"^classifier/"
   kind = "ner"
   has_labels = True
   default_metric = ("f1", "max")
@@ -94,15 +95,15 @@ class TokenClassification(LabeledTask):
     loss_sum = jnp.sum(cross_entropy(logits, batch["labels"]) * mask)
     return loss_sum, mask
 
-  def loss(self, params, batch, rng, deterministic: bool = False):
-    logits = self.logits(params, batch, rng, deterministic)
+  def loss(self, variables, batch, rng, deterministic: bool = False):
+    logits = self.logits(variables, batch, rng, deterministic)
     loss_sum, mask = self._loss_terms(logits, batch)
     correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
     return loss_sum, {"weight": jnp.sum(mask), "tokens": jnp.sum(batch["segment_ids"] > 0),
                       "correct": jnp.sum(correct * mask)}
 
-  def eval_outputs(self, params, batch):
-    logits = self.logits(params, batch)
+  def eval_outputs(self, variables, batch):
+    logits = self.logits(variables, batch)
     loss_sum, mask = self._loss_terms(logits, batch)
     return {"predictions": jnp.argmax(logits, -1).astype(jnp.int32), "loss_sum": loss_sum,
             "weight": jnp.sum(mask)}

@@ -1,0 +1,332 @@
+"""PEFT (jaxft/peft): each method's parameters, what trains, merging, generation with a KV
+cache, AdaLoRA's budget, and whole runs: frozen base bit-identical, export to transformers,
+adapter-only files, resume, and the errors a user can cause."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import linen as nn
+
+from configs import finetune
+from jaxft import (
+  checkpoint,
+  export,
+  generate,
+  hf,
+  optim,
+  peft,
+  reports,
+  sharding,
+  steps,
+  tasks,
+  train,
+)
+from jaxft import state as state_lib
+from jaxft.peft import adalora
+from tests.helpers import (
+  random_batch,
+  save_tiny_bert,
+  set_fields,
+  tiny_config,
+  topic_rows,
+  train_config,
+  write_csv,
+)
+
+METHODS = ["lora", "adalora", "adapter", "prefix", "prompt"]
+
+
+def bert_task(method="none", **fields):
+  config = finetune.get_config("classification")
+  config.init_from = ""
+  config.model.update(dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=64, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0))
+  config.seq_len = 16
+  config.peft.method = method
+  set_fields(config.peft, fields)
+  return tasks.make_task(config, labels=["a", "b", "c"])
+
+
+def bert_batch(seed=0, b=4, t=16):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(4, t + 1, size=b)
+  segment_ids = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+  return {"inputs": rng.integers(0, 1000, size=(b, t)).astype(np.int32) * segment_ids,
+          "segment_ids": segment_ids, "token_types": np.zeros((b, t), np.int32),
+          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+
+
+def init_variables(task, seed=0):
+  return nn.unbox(task.init(jax.random.key(seed), task.config.seq_len))
+
+
+def perturb(variables, seed=1, scale=0.05):
+  """Random non-zero PEFT params (B and E start at zero, which would hide mistakes)."""
+  leaves = peft.flat(variables[peft.COLLECTION])
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  noisy = {k: v + scale * jax.random.normal(key, v.shape) for key, (k, v) in
+           zip(keys, leaves.items())}
+  from flax import traverse_util
+  return {**variables, peft.COLLECTION: traverse_util.unflatten_dict(noisy)}
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "adapter"])
+def test_starts_as_the_base_model(method):
+  """LoRA's B, AdaLoRA's E and the adapters' up-projection start at zero."""
+  task, base = bert_task(method), bert_task("none")
+  variables = init_variables(task)
+  batch = bert_batch()
+  np.testing.assert_array_equal(task.logits(variables, batch),
+                                base.logits({"params": variables["params"]}, batch))
+  assert peft.flat(variables[peft.COLLECTION])
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_merge_equals_unmerged(method):
+  task, base = bert_task(method, targets="attn.*|mlp.*"), bert_task("none")
+  variables = perturb(init_variables(task), scale=0.3)
+  merged = task.peft.merge(variables)
+  batch = bert_batch()
+  unmerged = task.logits(variables, batch)
+  assert not np.allclose(unmerged, base.logits({"params": variables["params"]}, batch),
+                         atol=1e-3)  # the update matters
+  np.testing.assert_allclose(base.logits(merged, batch), unmerged, atol=1e-5, rtol=0)
+
+
+def test_targets_select_modules_and_keep_their_logical_axes():
+  task = bert_task("lora", targets="attn.*|mlp.*")
+  boxed = task.init(jax.random.key(0), 16)
+  adapted = sorted("/".join(k[:-1]) for k in peft.flat(nn.unbox(boxed)["peft"])
+                   if k[-1] == "lora_a")
+  assert adapted == [f"bert/layer_{i}/{m}" for i in range(2) for m in
+                     ("attn/key", "attn/out", "attn/query", "attn/value", "mlp/fc", "mlp/proj")]
+  a = boxed["peft"]["bert"]["layer_0"]["attn"]["query"]
+  assert a["lora_a"].names == ("embed", None) and a["lora_b"].names == (None, "heads", "kv")
+  default = bert_task("lora")
+  q_and_v = {"/".join(k[:-1]) for k in peft.flat(init_variables(default)["peft"])}
+  assert q_and_v == {f"bert/layer_{i}/attn/{m}" for i in range(2) for m in ("query", "value")}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_peft_and_head_train_and_optimizer_state_scales_with_them(method):
+  task = bert_task(method, adapter_size=4, num_virtual_tokens=4)
+  config = task.config
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  tx, _ = optim.make_optimizer(config.optim, 10, task.peft)
+  state, frozen, _, _ = state_lib.create_train_state(
+      task, tx, seq_len=16, seed=0, mesh=mesh, axis_rules=config.axis_rules)
+  trainable = {"/".join(k) for k in peft.flat(state.params)}
+  assert all(k.startswith(("peft/", "params/classifier/")) for k in trainable), trainable
+  assert {"params/classifier/kernel", "params/classifier/bias"} <= trainable
+  assert not any(k[0] == "peft" for k in peft.flat(frozen))
+  # Adam keeps two moments per trainable parameter; nothing for the frozen ones.
+  trainable_bytes = peft.nbytes(state.params)
+  assert 2 * trainable_bytes <= peft.nbytes(state.opt_state) <= 2 * trainable_bytes + 4096 + (
+      3 * trainable_bytes if method == "adalora" else 0)  # AdaLoRA: I_bar, U_bar, mask
+  full = bert_task("none")
+  full_state, full_frozen, _, _ = state_lib.create_train_state(
+      full, tx if method != "adalora" else optim.make_optimizer(config.optim, 10)[0],
+      seq_len=16, seed=0, mesh=mesh, axis_rules=config.axis_rules)
+  assert not full_frozen
+  assert peft.nbytes(state.opt_state) < 0.25 * peft.nbytes(full_state.opt_state)
+
+
+def _causal(method, **fields):
+  config = tiny_config()
+  config.peft.method = method
+  set_fields(config.peft, {"num_virtual_tokens": 3, **fields})
+  return config, tasks.make_task(config)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_decoding_with_kv_cache_equals_full_recompute(method):
+  """Prefill + one-token steps with the KV cache give the logits of a full forward pass over
+  the same tokens: the prefix / soft prompt conditions every cached step."""
+  config, task = _causal(method, prefix_projection=16 if method == "prefix" else 0)
+  variables = perturb(init_variables(task), scale=0.5)
+  model = peft.bind(task.model, task.peft)
+  tokens = jnp.asarray([[5, 9, 11, 3, 7, 2, 8, 1], [4, 4, 6, 10, 12, 3, 9, 5]], jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(8), tokens.shape)
+  ones = jnp.ones_like(tokens)
+  full = model.apply(variables, tokens, positions, ones)  # [B, T, V]
+  base = task.model.apply({"params": variables["params"]}, tokens, positions, ones)
+  assert np.abs(np.asarray(full - base)).max() > 1e-3  # the method changes the model
+
+  cache = generate._empty_cache(model, 2, 8)
+  logits, mutated = model.apply({**variables, "cache": cache}, tokens[:, :5], positions[:, :5],
+                                ones[:, :5], decode=True, mutable=["cache"])
+  cached = [logits]
+  for i in range(5, 8):
+    logits, mutated = model.apply({**variables, "cache": mutated["cache"]}, tokens[:, i:i + 1],
+                                  positions[:, i:i + 1], ones[:, i:i + 1], decode=True,
+                                  mutable=["cache"])
+    cached.append(logits)
+  np.testing.assert_allclose(np.concatenate(cached, axis=1), full, atol=1e-5, rtol=0)
+  # and jaxft.generate, which decodes that way, follows the full model's argmax
+  out = generate.generate(model, variables, [[5, 9, 11]], max_new_tokens=4, temperature=0)[0]
+  seq = jnp.asarray([[5, 9, 11, *out[:-1]]], jnp.int32)
+  again = model.apply(variables, seq, jnp.arange(6)[None], jnp.ones_like(seq))
+  assert np.argmax(np.asarray(again[0, 2:]), axis=-1).tolist() == out
+
+
+def test_adalora_prunes_to_the_budget_and_resumes_its_allocation():
+  config, task = _causal("adalora", rank=2, init_rank=4, warmup_fraction=0.1,
+                         final_fraction=0.3, mask_every=1, targets="attn/(query|value)$")
+  assert adalora.budget(0, num_steps=20, t_init=2, t_final=6, init_total=16,
+                        target_total=8) == 16
+  assert adalora.budget(14, num_steps=20, t_init=2, t_final=6, init_total=16,
+                        target_total=8) == 8
+  config.num_steps = 20
+  config.optim.lr = 1e-2
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  tx, schedule = optim.make_optimizer(config.optim, 20, task.peft)
+  state, frozen, shardings, _ = state_lib.create_train_state(
+      task, tx, seq_len=config.seq_len, seed=0, mesh=mesh, axis_rules=config.axis_rules)
+  step = jax.jit(steps.make_train_step(task.loss, tx, schedule, 1,
+                                       regularizer=task.peft.regularizer))
+  batch = random_batch(config)
+  for _ in range(20):
+    state, m = step(state, frozen, batch)
+    assert np.isfinite(float(m["loss"]))
+  ranks = adalora.rank_pattern(state.opt_state)
+  assert len(ranks) == 4 and sum(ranks.values()) == 2 * 4  # rank 2 on average over 4 modules
+  e = [v for k, v in peft.flat(state.params["peft"]).items() if k[-1] == "lora_e"]
+  assert sum(int((np.asarray(x) != 0).sum()) for x in e) == 8
+  reg = task.peft.regularizer(peft.combine(frozen, state.params))
+  assert float(reg) > 0
+
+
+def test_errors_name_the_field():
+  with pytest.raises(ValueError, match=r"config\.peft\.method='loha' is unknown"):
+    bert_task("loha")
+  with pytest.raises(ValueError, match=r"config\.peft\.targets='nothing' matches no module.*"
+                                       r"bert/layer_0/attn/query"):
+    init_variables(bert_task("lora", targets="nothing"))
+  with pytest.raises(ValueError, match=r"config\.peft\.init_rank=4 must be >= "
+                                       r"config\.peft\.rank=8"):
+    init_variables(bert_task("adalora", init_rank=4))
+  task = bert_task("adapter")
+  with pytest.raises(ValueError, match=r"'adapter' .* cannot be merged .* --adapter_only"):
+    task.peft.merge(init_variables(task))
+
+
+# -- whole runs --------------------------------------------------------------------------------
+
+def _run_config(tmp_path, tiny_bert, method, **overrides):
+  config = finetune.get_config("classification")
+  config.init_from = tiny_bert
+  config.data.train = write_csv(tmp_path / "train.csv", topic_rows(160, 0))
+  config.data.validation = write_csv(tmp_path / "val.csv", topic_rows(40, 1))
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.seq_len = 32
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.num_epochs = 0
+  config.num_steps = 30
+  config.eval_every = 15
+  config.optim.lr = 3e-3
+  config.peft.method = method
+  return set_fields(config, overrides)
+
+
+def test_lora_run_freezes_the_base_exports_merged_and_saves_a_small_adapter(tmp_path, tiny_bert):
+  config = _run_config(tmp_path, tiny_bert, "lora", num_steps=40, eval_every=20,
+                       **{"peft.targets": "attn.*|mlp.*", "peft.lr": 1e-2})
+  workdir = str(tmp_path / "run")
+  val = train.train_and_evaluate(config, workdir)
+  assert val["accuracy"] >= 0.8
+  counts = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))][0]
+  assert 0 < counts["params/trainable"] < counts["params/total"]
+  assert counts["params/trainable_percent"] == pytest.approx(
+      100 * counts["params/trainable"] / counts["params/total"])
+
+  _, task, variables = checkpoint.load_params(workdir)
+  # The base model is bit-identical to the Hugging Face weights it started from.
+  base = hf.load_params(tiny_bert, jax.eval_shape(lambda: variables["params"]),
+                        task.architecture, init_fn=lambda: variables["params"])
+  for key, value in peft.flat(variables["params"]).items():
+    if key[0] != "classifier":
+      np.testing.assert_array_equal(np.asarray(value), peft.flat(base)[key], err_msg=str(key))
+
+  # Export merges LoRA: transformers' BertForSequenceClassification gives jaxft's logits.
+  export.export(workdir, str(tmp_path / "hf"))
+  exported = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+  b = task.eval_batches("validation")[0]
+  ours = reports.run_eval(task, variables, [b])[0]["logits"]
+  with torch.no_grad():
+    theirs = exported(input_ids=torch.from_numpy(b["inputs"]).long(),
+                      attention_mask=torch.from_numpy(b["segment_ids"]).long()).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+  # Adapter-only: a small file that, on the same base, predicts exactly as the run.
+  adapter_dir = str(tmp_path / "adapter")
+  export.export_adapter(workdir, adapter_dir)
+  size = os.path.getsize(os.path.join(adapter_dir, checkpoint.ADAPTER_FILE))
+  assert size < 0.2 * os.path.getsize(os.path.join(tiny_bert, "model.safetensors"))
+  _, task2, reloaded = checkpoint.load_params(adapter_dir)
+  np.testing.assert_array_equal(reports.run_eval(task2, reloaded, [b])[0]["logits"], ours)
+
+
+def test_peft_run_resumes_and_checks_its_base(tmp_path, tiny_bert):
+  """A run resumed from its step-6 checkpoint ends bit-identical to one that never stopped
+  (the frozen base is rebuilt from init_from, not saved); a changed base is refused."""
+  config = _run_config(tmp_path, tiny_bert, "adapter", num_steps=12, eval_every=6,
+                       checkpoint_every=6)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(config, straight)
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "12"))  # as if killed after step 6
+  train.train_and_evaluate(config, resumed)
+  _, _, a = checkpoint.load_params(straight, best=False)
+  _, _, b = checkpoint.load_params(resumed, best=False)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "12"))
+  other = save_tiny_bert(tmp_path / "other_bert", seed=1)  # another base, same shapes
+  with pytest.raises(ValueError, match=r"config\.init_from=.* no longer holds the base model"):
+    train.train_and_evaluate(set_fields(config, {"init_from": other}), resumed)
+
+
+def test_prompt_tuning_on_a_jaxft_workdir_base(tmp_path):
+  """config.init_from may be a jaxft run: prompt-tune a pretrained causal LM."""
+  base_dir = str(tmp_path / "base")
+  train.train_and_evaluate(train_config(tmp_path, num_steps=4, eval_every=100), base_dir)
+  config = train_config(tmp_path, num_steps=4, eval_every=100, init_from=base_dir)
+  config.peft.method = "prompt"
+  config.peft.num_virtual_tokens = 4
+  config.sample.max_new_tokens = 4
+  workdir = str(tmp_path / "prompted")
+  train.train_and_evaluate(config, workdir)
+  _, _, base = checkpoint.load_params(base_dir)
+  _, task, tuned = checkpoint.load_params(workdir)
+  for key, value in peft.flat(base["params"]).items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(peft.flat(tuned["params"])[key]))
+  assert peft.flat(tuned["peft"])[("transformer", "extend_inputs", "prompt")].shape == (4, 32)
+  with pytest.raises(ValueError, match="--adapter_only"):
+    export.export(workdir, str(tmp_path / "hf"))
+  # prompt_eval scores with the prompt-tuned model (the soft prompt changes every score)
+  from jaxft import prompt_eval
+
+  rows = [{"text": f"the king {w}", "label": "love" if i % 2 else "war"}
+          for i, w in enumerate("speak night day sword crown castle peace fair".split() * 2)]
+  files = {}
+  for split, part in (("train", rows[:8]), ("validation", rows[8:12]), ("test", rows[12:])):
+    files[split] = str(tmp_path / f"{split}.jsonl")
+    with open(files[split], "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in part)
+  scores = {}
+  for name, run_dir in (("base", base_dir), ("tuned", workdir)):
+    result = prompt_eval.run(workdir=run_dir, data_dir=str(tmp_path / "tfds_eval"),
+                             options=prompt_eval.Options(k=1), **files)
+    scores[name] = [p["logprobs"]["war"] for p in result["predictions"]]
+  assert len(scores["tuned"]) == 4 and not np.allclose(scores["base"], scores["tuned"])
