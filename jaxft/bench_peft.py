@@ -51,8 +51,8 @@ def main(argv):
           f"{r['params/trainable_percent']:.2f}% trainable, {r['wall_s']:.0f} s", flush=True)
   print(table(results))
   if "none" in results and "lora" in results:
-    gap = 100 * (results["none"]["test_accuracy"] - results["lora"]["test_accuracy"])
-    print(f"LoRA vs full fine-tuning: {gap:+.2f} accuracy points behind, "
+    gap = 100 * (results["lora"]["test_accuracy"] - results["none"]["test_accuracy"])
+    print(f"LoRA - full fine-tuning: {gap:+.2f} test accuracy points, with "
           f"{results['lora']['params/trainable_percent']:.2f}% of the parameters trainable")
   print(json.dumps(results))
 

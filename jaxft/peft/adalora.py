@@ -101,13 +101,12 @@ def rank_allocator(tx: optax.GradientTransformation, cfg, num_steps: int, init_r
     keep = {path: jnp.where(fixed, old_keep[path], jnp.where(mask_now, s > threshold,
                                                               old_keep[path]))
             for path, s in scores.items()}
+    # A pruned E_i is set to 0: its update becomes -E_i (before the optimizer's step).
     apply_mask = mask_now | fixed
-    new_updates = dict(flat(updates))
+    new_updates, old, new = dict(flat(updates)), flat(peft), flat(new_peft)
     for path, k in keep.items():
-      key = (COLLECTION, *path, "lora_e")
-      e_new = flat(new_peft)[(*path, "lora_e")]
-      masked = jnp.where(apply_mask & ~k, 0.0, e_new)
-      new_updates[key] = masked - flat(peft)[(*path, "lora_e")]
+      e = (*path, "lora_e")
+      new_updates[(COLLECTION, *e)] = jnp.where(apply_mask & ~k, 0.0, new[e]) - old[e]
     keep_tree = traverse_util.unflatten_dict({(*p, "lora_e"): k for p, k in keep.items()})
     return (traverse_util.unflatten_dict(new_updates),
             AllocatorState(inner, step + 1, ipt, unc, keep_tree))
