@@ -5,6 +5,7 @@ are safe), then writes in the background; `wait()` before exit. A step directory
 once complete, so a run killed mid-save resumes from the previous step.
 """
 
+import glob
 import json
 import logging
 import os
@@ -42,12 +43,29 @@ class Checkpointer:
         meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step: int, abstract_state, data_iter):
-    """Restores onto the shardings in `abstract_state` (any mesh) and rewinds `data_iter`."""
+    """Restores onto the shardings in `abstract_state` (any mesh, any process count) and
+    rewinds `data_iter`."""
     out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter),
-        meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    self._restore_data(step, data_iter)
     return out.state, out.meta
+
+  def _restore_data(self, step: int, data_iter) -> None:
+    """grain writes one iterator state per process (process_I-of-N.json). Every process builds
+    the same global batches and keeps its rows (jaxft/data/pipeline.py), so the states are the
+    same position: a run resumed with another process count takes process 0's."""
+    directory = os.path.join(self.directory, str(step), "data")
+    path = os.path.join(directory,
+                        f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if not os.path.exists(path):
+      saved = sorted(glob.glob(os.path.join(directory, "process_0-of-*.json")))
+      if not saved:
+        raise FileNotFoundError(f"checkpoint step {step} in {self.directory} has no data "
+                                f"iterator state ({directory}); it is incomplete")
+      path = saved[0]
+      log.info("data iterator state of %s (written by another process count)", path)
+    with open(path) as f:
+      data_iter.set_state(json.load(f))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -65,8 +83,13 @@ class BestParams:
 
   def __init__(self, workdir: str):
     self.directory = os.path.join(os.path.abspath(workdir), BEST_DIR)
+    # Its own barrier names: saved at the same step as the resumable checkpoint, the two
+    # managers' multi-process barriers would otherwise collide.
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="best")))
 
   def save(self, step: int, params, meta: dict) -> None:
     # A run killed between this save and its checkpoint's resumes before `step` and gets here

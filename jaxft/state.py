@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from jaxft import peft, sharding
+from jaxft import distributed, peft, sharding
 
 
 class TrainState(struct.PyTreeNode):
@@ -130,4 +130,4 @@ def fingerprint(frozen) -> float:
   if not leaves:
     return 0.0
   total = jax.jit(lambda xs: sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in xs))(leaves)
-  return float(total)
+  return float(distributed.to_host(total))

@@ -20,13 +20,29 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from jaxft import checkpoint, init_from, metrics, optim, peft, reports, sharding, steps, tasks
+from jaxft import (
+  checkpoint,
+  distributed,
+  init_from,
+  metrics,
+  optim,
+  peft,
+  reports,
+  sharding,
+  steps,
+  tasks,
+)
 from jaxft import state as state_lib
 from jaxft.peft import adalora
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process runs: host:port of "
+                                   "process 0 (see jaxft/distributed.py; Cloud TPU pods and "
+                                   "SLURM are detected without it)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process runs: how many")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process runs: this one's index")
 
 log = logging.getLogger("jaxft")
 
@@ -46,8 +62,7 @@ def _check_vocab(config) -> None:
                      f"{tok.vocab_size} or use the model's own tokenizer")
 
 
-def _host(tree):
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+_host = distributed.to_host
 
 
 def _check_finite(records: list[dict], workdir: str, last_saved: int | None) -> None:
@@ -146,18 +161,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   latest = ckpt.latest_step()
   # A resumed run keeps the label order it was trained with (labels.json).
   labels = checkpoint.load_labels(workdir) if latest is not None else None
-  task = tasks.make_task(config, labels=labels)
-
-  _check_vocab(config)
-  # Data first: a missing corpus or a bad label should fail before any compilation.
+  # Data first: a missing corpus or a bad label should fail before any compilation. One
+  # process builds the dataset (a shared TFDS directory), then the others read it.
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_iter = task.train_iterator(config.data.shuffle_seed, **proc)
-  eval_batches = task.eval_batches("validation", **proc)
+  with distributed.primary_first("data"):
+    task = tasks.make_task(config, labels=labels)
+    _check_vocab(config)
+    train_iter = task.train_iterator(config.data.shuffle_seed, **proc)
+    eval_batches = task.eval_batches("validation", **proc)
   num_steps = _num_steps(config, task)
   eval_every = _eval_every(config, task)
   checkpoint_every = int(config.checkpoint_every) or eval_every
   tx, schedule = optim.make_optimizer(config.optim, num_steps, task.peft)
-  if task.labels and jax.process_index() == 0:
+  if task.labels and distributed.is_primary():
     with open(os.path.join(workdir, checkpoint.LABELS_FILE), "w") as f:
       json.dump(task.labels, f, indent=1)
 
@@ -178,8 +194,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _check_base(meta, frozen, config)
     _truncate_metrics(workdir, latest)
   base_fingerprint = state_lib.fingerprint(frozen)
-  checkpoint.save_config(workdir, config)
-  metrics.write_run_info(workdir)
+  if distributed.is_primary():
+    checkpoint.save_config(workdir, config)
+    metrics.write_run_info(workdir)
 
   es = config.get("early_stopping", ml_collections.ConfigDict())
   metric, mode = task.default_metric
@@ -208,8 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            dict(mesh.shape), flops_tok / 1e6, peak_src, num_steps)
 
   writer = metrics.Writer(workdir)
-  writer.write(int(jax.device_get(state.step)), counts)
-  start = int(jax.device_get(state.step))
+  writer.write(int(_host(state.step)), counts)
+  start = int(_host(state.step))
   stopped = bool(meta.get("stopped"))
   last_saved = latest
   pending = []
@@ -262,9 +279,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if tracker.update(done, val):
           best_ckpt.save(done, state.params, {"step": done, "val": val, "labels": task.labels})
         stopped = tracker.should_stop
-        bar.write(f"step {done}: validation {_format(val)}"
-                  + (f"; no {tracker.metric} gain in {tracker.bad_evals} evaluations: early stop"
-                     if stopped else ""))
+        if distributed.is_primary():
+          bar.write(f"step {done}: validation {_format(val)}"
+                    + (f"; no {tracker.metric} gain in {tracker.bad_evals} evaluations: early "
+                       "stop" if stopped else ""))
         t_last = time.perf_counter()  # evaluation time is not training throughput
       if done % checkpoint_every == 0 or is_last or stopped:
         flush(done)  # never save past a non-finite loss
@@ -287,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not val:  # nothing left to train (already finished): still report
     val, _ = evaluate(eval_step, state.params, frozen, eval_batches, batch_sh, task)
   final_params = state.params
-  if tracker.best_step is not None and tracker.best_step != int(jax.device_get(state.step)):
+  if tracker.best_step is not None and tracker.best_step != int(_host(state.step)):
     log.info("best %s %.4f at step %d: reporting with those params", tracker.metric,
              tracker.best, tracker.best_step)
     final_params = best_ckpt.restore(state_lib.abstract_state(lay, tx, shardings).params)
@@ -298,11 +316,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _, outputs = evaluate(eval_step, final_params, frozen, batches, batch_sh, task, report_split)
     reports.write_report(task, outputs, report_split, workdir)
   ranks = adalora.rank_pattern(state.opt_state)
-  if ranks and jax.process_index() == 0:
+  if ranks and distributed.is_primary():
     log.info("AdaLoRA ranks kept per module (%d in all): %s", sum(ranks.values()), ranks)
-  if jax.process_index() == 0:
+  final_variables = _host(peft.combine(frozen, final_params))  # all processes: a collective
+  if distributed.is_primary():
     png = metrics.plot_loss_curve(workdir, metrics.read_metrics(workdir))
-    task.finish(workdir, _host(peft.combine(frozen, final_params)), val, eval_batches)
+    task.finish(workdir, final_variables, val, eval_batches)
     if png:
       print(f"loss curve: {png}")
   return val
@@ -330,7 +349,7 @@ def _check_base(meta: dict, frozen, config) -> None:
 
 def _truncate_metrics(workdir: str, step: int) -> None:
   """Drop records logged after the checkpoint we resume from: they will be logged again."""
-  if jax.process_index() != 0:
+  if not distributed.is_primary():
     return
   kept = [r for r in metrics.read_metrics(workdir) if r["step"] <= step]
   path = os.path.join(workdir, "metrics.jsonl")
@@ -347,6 +366,7 @@ def main(argv):
   log.setLevel(logging.INFO)
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required (where checkpoints and logs go)")
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except NonFiniteLossError as e:

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -205,9 +206,9 @@ def _run_script(command: list[str], detach: bool) -> list[str]:
       'if [ -s "$PIDF" ] && kill -0 "$(cat "$PIDF")" 2>/dev/null; then echo "[worker $W] a run is '
       'still going (pid $(cat "$PIDF")): stop it first (python -m launch.tpu_pod stop)"; exit 1; '
       "fi",
-      f'cd "{REMOTE_DIR}"',
+      f'cd "{REMOTE_DIR}" || exit 1',
       f'echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) worker $W: "{cmd} >> "$LOG"',
-      'START=$(stat -c %s "$LOG")',
+      'START=$(stat -c %s "$LOG")',  # where this run's output begins
       # setsid + nohup: the run outlives this ssh session; its process group is what stop kills.
       f'PATH="{REMOTE_VENV}/bin:$PATH" PYTHONUNBUFFERED=1 nohup setsid bash -c {cmd} '
       '>> "$LOG" 2>&1 < /dev/null &',
@@ -215,6 +216,7 @@ def _run_script(command: list[str], detach: bool) -> list[str]:
       'echo "$P" > "$PIDF"',
   ]
   if detach:
+    lines.remove('START=$(stat -c %s "$LOG")')
     lines.append('echo "[worker $W] started (pid $P), log $LOG"')
   else:
     lines += [
@@ -365,9 +367,12 @@ def count_workers(args) -> int:
   if args.dry_run:
     raise UsageError("--dry-run cannot ask the TPU how many workers it has: add "
                      "--accelerator_type (e.g. --accelerator_type=v4-32)")
-  out = subprocess.run(_gcloud(args, "describe", args.name) + ["--format=json"], check=True,
-                       capture_output=True, text=True).stdout
-  node = json.loads(out)
+  described = subprocess.run(_gcloud(args, "describe", args.name) + ["--format=json"],
+                             capture_output=True, text=True)
+  if described.returncode:
+    raise UsageError(f"could not ask TPU {args.name!r} for its workers "
+                     f"({described.stderr.strip()}); give --accelerator_type (e.g. v4-32)")
+  node = json.loads(described.stdout)
   return len(node.get("networkEndpoints") or []) or parse_accelerator_type(
       node["acceleratorType"]).workers
 
@@ -472,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pack":
       pack(args.out)
       return 0
+    if not args.dry_run and shutil.which("gcloud") is None:
+      raise UsageError("gcloud is not on PATH: install the Google Cloud CLI "
+                       "(https://cloud.google.com/sdk/docs/install) and `gcloud auth login`; "
+                       "--dry-run prints the commands without it")
     if args.slice is not None:
       print(f"# {args.slice.describe()}", file=sys.stderr)
     if args.command == "create":

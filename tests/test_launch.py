@@ -21,8 +21,8 @@ from tests.helpers import ROOT, write_corpus
 LAUNCH = os.path.join(ROOT, "launch")
 
 
-def dry_run(capsys, *argv):
-  rc = tpu_pod.main([*argv, "--dry-run"])
+def dry_run(capsys, command, name, *argv):
+  rc = tpu_pod.main([command, name, "--dry-run", *argv])  # before any `--`
   out = capsys.readouterr()
   assert rc == 0, out.err
   return out.out.splitlines(), out.err
@@ -200,7 +200,8 @@ def test_run_script_streams_each_workers_lines_into_its_log(fake_worker, tmp_pat
   # A second run appends to the worker's log and streams only its own lines.
   assert tpu_pod._stream(["bash", "-c", script], log_dir) == 3
   assert open(os.path.join(log_dir, "worker-3.log")).read().count("step 1") == 1
-  assert open(fake_worker / "jaxft-logs" / "worker-3.log").read().count("step 1") == 2
+  remote = open(fake_worker / "jaxft-logs" / "worker-3.log").read()
+  assert remote.count("\nstep 1 loss 5.0\n") == 2 and remote.count("=== ") == 2
 
 
 def test_detached_run_refuses_a_second_start_and_stop_ends_it(fake_worker):
@@ -339,16 +340,17 @@ def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path):
   cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
   nb.cells.insert(params[0] + 1, cell)
 
-  # A kernel spec of this interpreter, found only by this kernel manager: no user or system
-  # Jupyter state is read or written.
+  # A kernel spec of this interpreter, found only by this kernel manager; its connection file
+  # and IPython profile live in tmp_path: no user or system Jupyter state is read or written.
   kernels = tmp_path / "kernels" / "jaxft-test"
   kernels.mkdir(parents=True)
   (kernels / "kernel.json").write_text(json.dumps({
       "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
       "display_name": "jaxft test", "language": "python",
-      "env": {"JAX_PLATFORMS": "cpu"}}))
+      "env": {"JAX_PLATFORMS": "cpu", "IPYTHONDIR": str(tmp_path / "ipython")}}))
   ksm = KernelSpecManager(kernel_dirs=[str(kernels.parent)], ensure_native_kernel=False)
-  km = KernelManager(kernel_name="jaxft-test", kernel_spec_manager=ksm)
+  km = KernelManager(kernel_name="jaxft-test", kernel_spec_manager=ksm,
+                     connection_file=str(tmp_path / "kernel-connection.json"))
   client = nbclient.NotebookClient(nb, km=km, kernel_name="jaxft-test", timeout=300,
                                    resources={"metadata": {"path": LAUNCH}})
   t0 = time.time()

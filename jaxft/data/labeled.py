@@ -34,6 +34,7 @@ import random
 
 import tensorflow_datasets as tfds
 
+from jaxft.data import text_builder
 from jaxft.data.text_builder import _open_text, default_data_dir
 
 _FORMAT_VERSION = 2  # bump when the records' content for the same inputs would change
@@ -423,8 +424,9 @@ def load_splits(data_cfg, kind: str) -> dict[str, DecodedSource]:
   """Builds (once, cached by fingerprint) and returns {"train", "validation", "test"} sources of
   `kind` examples ("classification", "ner" or "qa"; the dicts are in the module docstring)."""
   spec = resolve_spec(data_cfg, kind)
-  builder = LabeledExamples(spec=spec, data_dir=data_cfg.get("data_dir", "") or default_data_dir())
-  builder.download_and_prepare()
+  data_dir = data_cfg.get("data_dir", "") or default_data_dir()
+  builder = LabeledExamples(spec=spec, data_dir=data_dir)
+  text_builder.prepare(builder, data_dir)
   # Read through a builder restored from the prepared directory: unlike LabeledExamples (whose
   # constructor needs a Spec), it pickles, so the sources can go to grain worker processes.
   reader = tfds.builder_from_directory(builder.data_dir)

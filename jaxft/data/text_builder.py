@@ -216,12 +216,28 @@ def default_data_dir() -> str:
       os.path.expanduser("~"), ".cache", "jaxft", "tfds")
 
 
+def prepare(builder, data_dir: str) -> None:
+  """builder.download_and_prepare() holding a lock file in data_dir: processes that share the
+  directory (several per host, or hosts on a shared disk) build a dataset once; the others wait
+  for the lock and then find it prepared."""
+  import fcntl
+
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, ".jaxft-build.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      builder.download_and_prepare()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def data_sources(data_cfg):
   """Builds (once, cached by fingerprint) and returns {"train": source, "validation": source}.
 
   Each source is a random-access sequence of {"text": bytes, "is_doc_start": bool}.
   """
   sources = resolve_sources(data_cfg)
-  builder = LocalText(sources=sources, data_dir=data_cfg.data_dir or default_data_dir())
-  builder.download_and_prepare()
+  data_dir = data_cfg.data_dir or default_data_dir()
+  builder = LocalText(sources=sources, data_dir=data_dir)
+  prepare(builder, data_dir)
   return {split: builder.as_data_source(split=split) for split in ("train", "validation")}

@@ -118,5 +118,7 @@ def rank_pattern(opt_state) -> dict[str, int] | None:
   """{module path: ranks kept} from a train state's optimizer state (None if not AdaLoRA)."""
   if not isinstance(opt_state, AllocatorState):
     return None
-  keep = flat(jax.device_get(opt_state.keep))
+  from jaxft import distributed
+
+  keep = flat(distributed.to_host(opt_state.keep))
   return {"/".join(k[:-1]): int(v.sum()) for k, v in keep.items()}

@@ -1,0 +1,1 @@
+"""Launchers that start the processes of a multi-process run (see jaxft/distributed.py)."""

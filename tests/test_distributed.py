@@ -1,0 +1,137 @@
+"""Multi-process runs on 127.0.0.1 (jax.distributed over gloo): 2 processes x 4 CPU devices
+train exactly as 1 process x 8 devices, checkpoints move between process counts and mesh
+shapes, and a process that dies stops the others instead of leaving them blocked."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxft import distributed
+from jaxft.launch import local
+from tests.helpers import ROOT, write_corpus
+
+STEPS = 6
+
+
+def _args(tmp_path, workdir, *extra):
+  return ["--config", "configs/gpt2.py:tiny", "--workdir", str(workdir),
+          f"--config.data.files={tmp_path / 'corpus'}/*.txt",
+          f"--config.data.data_dir={tmp_path / 'tfds'}", f"--config.num_steps={STEPS}",
+          "--config.log_every=1", "--config.eval_every=3", "--config.checkpoint_every=3",
+          "--config.sample.max_new_tokens=0", *extra]
+
+
+def _losses(workdir) -> dict[int, float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def _run(tmp_path, workdir, processes: int, *extra):
+  """The user's commands: python -m jaxft.launch.local, or python -m jaxft.train alone."""
+  if processes > 1:
+    cmd = [sys.executable, "-m", "jaxft.launch.local", f"--num_processes={processes}",
+           f"--devices_per_process={8 // processes}", "--grace_s=5", "--",
+           *_args(tmp_path, workdir, *extra)]
+  else:
+    cmd = [sys.executable, "-m", "jaxft.train", *_args(tmp_path, workdir, *extra)]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8",
+         "JAXFT_HEARTBEAT_TIMEOUT_S": "10"}
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+  return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The same tiny GPT-2 run with 1 process x 8 devices and with 2 processes x 4."""
+  tmp = tmp_path_factory.mktemp("distributed")
+  write_corpus(str(tmp / "corpus"))
+  one, two = tmp / "one", tmp / "two"
+  _run(tmp, one, 1)
+  _run(tmp, two, 2)
+  return tmp, one, two
+
+
+def test_two_processes_train_as_one(runs):
+  _, one, two = runs
+  a, b = _losses(one), _losses(two)
+  assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=0,
+                             atol=1e-5)
+  info = json.load(open(os.path.join(two, "run_info.json")))
+  assert info["process_count"] == 2 and len(info["devices"]) == 8
+
+
+@pytest.mark.parametrize("source,processes,mesh", [
+    ("two", 1, ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")),
+    ("one", 2, ("--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2")),
+])
+def test_checkpoints_resume_across_process_counts_and_meshes(runs, source, processes, mesh):
+  """Drop the step-6 checkpoint of one run and resume it from step 3 with the other process
+  count on another mesh: steps 4-6 give the losses of the uninterrupted run."""
+  tmp, one, two = runs
+  straight = {"one": one, "two": two}[source]
+  resumed = tmp / f"{source}-resumed-{processes}"
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / "checkpoints" / str(STEPS))
+  _run(tmp, resumed, processes, *mesh)
+  a, b = _losses(straight), _losses(resumed)
+  np.testing.assert_allclose([b[s] for s in range(4, STEPS + 1)],
+                             [a[s] for s in range(4, STEPS + 1)], rtol=0, atol=1e-5)
+
+
+def test_a_dead_process_stops_the_others(runs, tmp_path):
+  """SIGKILL one of two processes mid-run: the other exits within the heartbeat timeout with
+  JAX's error naming the cause, rather than waiting forever in a collective."""
+  tmp, _, _ = runs
+  workdir = tmp_path / "killed"
+  port = local.free_port()
+  procs, logs = [], []
+  for i in range(2):
+    env = {**local.process_env(i, 2, port, 4), "JAXFT_HEARTBEAT_TIMEOUT_S": "5"}
+    logs.append(open(tmp_path / f"p{i}.log", "w+"))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "jaxft.train",
+         *_args(tmp, workdir, "--config.num_steps=100000", "--config.eval_every=100000")],
+        cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT))
+  deadline = time.time() + 240
+  while time.time() < deadline and not os.path.exists(workdir / "metrics.jsonl"):
+    time.sleep(0.5)
+  time.sleep(2)
+  assert procs[0].poll() is None and procs[1].poll() is None, "both should still be training"
+  procs[1].send_signal(signal.SIGKILL)
+  killed_at = time.time()
+  try:
+    code = procs[0].wait(timeout=60)
+  finally:
+    for p in procs:
+      p.kill()
+  assert code != 0 and time.time() - killed_at < 60
+  logs[0].seek(0)
+  assert "another task died" in logs[0].read()
+
+
+def test_launcher_reports_the_failed_process(tmp_path, capfd):
+  code = local.launch(["-c", "import os, sys; sys.exit(3 if os.environ['JAXFT_PROCESS_ID'] == '1' "
+                       "else 0)"], 2, module="", grace_s=1)
+  assert code == 3
+  assert "process 1 of 2 failed (exit code 3)" in capfd.readouterr().err
+
+
+def test_initialize_needs_all_three_settings(monkeypatch):
+  for name in ("JAXFT_COORDINATOR_ADDRESS", "JAXFT_NUM_PROCESSES", "JAXFT_PROCESS_ID",
+               "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.initialize() is False  # one process: nothing to join
+  with pytest.raises(ValueError, match=r"needs all of --coordinator_address .* --process_id"):
+    distributed.initialize(coordinator_address="127.0.0.1:1234")
+  with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, --num_processes=2\)"):
+    distributed.initialize("127.0.0.1:1234", 2, 2)
