@@ -6,8 +6,10 @@ coordinator (process 0's host:port). `initialize` finds out how to join, in this
 1. explicit settings: --coordinator_address / --num_processes / --process_id of jaxft.train,
    or the environment variables JAXFT_COORDINATOR_ADDRESS, JAXFT_NUM_PROCESSES,
    JAXFT_PROCESS_ID (what `python -m jaxft.launch.local` sets);
-2. a cluster JAX detects by itself: a Cloud TPU pod slice (TPU_WORKER_HOSTNAMES lists more
-   than one host), SLURM (SLURM_NTASKS > 1; one process per GPU), Open MPI;
+2. a cluster JAX detects by itself: a Cloud TPU pod slice (JAX reads the TPU VM metadata;
+   launch/tpu_pod.py sets JAXFT_DISTRIBUTED=auto to ask for it, and on GKE
+   TPU_WORKER_HOSTNAMES lists the hosts), SLURM (SLURM_NTASKS > 1; one process per GPU),
+   Open MPI;
 3. otherwise one process, nothing to do.
 
 Failures are bounded: joining waits at most JAXFT_INIT_TIMEOUT_S (300 s), and a process that
@@ -29,6 +31,8 @@ _ENV = ("JAXFT_COORDINATOR_ADDRESS", "JAXFT_NUM_PROCESSES", "JAXFT_PROCESS_ID")
 
 
 def _cluster_detected() -> str | None:
+  if os.environ.get("JAXFT_DISTRIBUTED", "") == "auto":  # set by launch/tpu_pod.py run
+    return "JAXFT_DISTRIBUTED=auto"
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
   if len([h for h in hosts.split(",") if h]) > 1:
     return "Cloud TPU pod"

@@ -210,7 +210,8 @@ def _run_script(command: list[str], detach: bool) -> list[str]:
       f'echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) worker $W: "{cmd} >> "$LOG"',
       'START=$(stat -c %s "$LOG")',  # where this run's output begins
       # setsid + nohup: the run outlives this ssh session; its process group is what stop kills.
-      f'PATH="{REMOTE_VENV}/bin:$PATH" PYTHONUNBUFFERED=1 nohup setsid bash -c {cmd} '
+      f'PATH="{REMOTE_VENV}/bin:$PATH" PYTHONUNBUFFERED=1 JAXFT_DISTRIBUTED=auto nohup setsid '
+      f'bash -c {cmd} '
       '>> "$LOG" 2>&1 < /dev/null &',
       "P=$!",
       'echo "$P" > "$PIDF"',

@@ -128,7 +128,8 @@ def test_launcher_reports_the_failed_process(tmp_path, capfd):
 
 def test_initialize_needs_all_three_settings(monkeypatch):
   for name in ("JAXFT_COORDINATOR_ADDRESS", "JAXFT_NUM_PROCESSES", "JAXFT_PROCESS_ID",
-               "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE"):
+               "JAXFT_DISTRIBUTED", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
+               "OMPI_COMM_WORLD_SIZE"):
     monkeypatch.delenv(name, raising=False)
   assert distributed.initialize() is False  # one process: nothing to join
   with pytest.raises(ValueError, match=r"needs all of --coordinator_address .* --process_id"):

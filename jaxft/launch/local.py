@@ -21,15 +21,6 @@ import time
 
 from absl import app, flags
 
-_NUM = flags.DEFINE_integer("num_processes", 2, "processes to start")
-_DEVICES = flags.DEFINE_integer("devices_per_process", None, "CPU devices each process sees "
-                                "(JAX_NUM_CPU_DEVICES); default: the platform's own")
-_MODULE = flags.DEFINE_string("module", "jaxft.train", "python -m module every process runs; "
-                              "'' = the arguments are the whole python command line")
-_PORT = flags.DEFINE_integer("port", 0, "coordinator port on 127.0.0.1; 0 = a free one")
-_GRACE = flags.DEFINE_float("grace_s", 30.0, "after a failure, seconds before the others are "
-                            "terminated")
-
 
 def free_port() -> int:
   with socket.socket() as s:
@@ -98,13 +89,27 @@ def launch(args: list[str], num_processes: int, *, module: str = "jaxft.train",
   return code if code > 0 else 1
 
 
+def _define_flags() -> None:
+  """Only when run as a program: tests import this module next to jaxft.train's flags."""
+  flags.DEFINE_integer("num_processes", 2, "processes to start")
+  flags.DEFINE_integer("devices_per_process", None, "CPU devices each process sees "
+                       "(JAX_NUM_CPU_DEVICES); default: the platform's own")
+  flags.DEFINE_string("module", "jaxft.train", "python -m module every process runs; '' = the "
+                      "arguments are the whole python command line")
+  flags.DEFINE_integer("port", 0, "coordinator port on 127.0.0.1; 0 = a free one")
+  flags.DEFINE_float("grace_s", 30.0, "after a failure, seconds before the others are "
+                     "terminated")
+
+
 def main(argv):
   args = argv[1:]
   if args and args[0] == "--":
     args = args[1:]
-  sys.exit(launch(args, _NUM.value, module=_MODULE.value, devices_per_process=_DEVICES.value,
-                  port=_PORT.value, grace_s=_GRACE.value))
+  f = flags.FLAGS
+  sys.exit(launch(args, f.num_processes, module=f.module, devices_per_process=f.devices_per_process,
+                  port=f.port, grace_s=f.grace_s))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
