@@ -21,6 +21,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxft import (
+  aot,
   checkpoint,
   distributed,
   init_from,
@@ -43,6 +44,12 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process r
                                    "SLURM are detected without it)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process runs: how many")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process runs: this one's index")
+_COMPILE_ONLY = flags.DEFINE_boolean("compile_only", False, "lower and compile the train step "
+                                     "for the configured mesh, print its per-device memory "
+                                     "analysis and exit (no training, nothing written)")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "with --compile_only: compile for this TPU "
+                                "slice instead of the local devices (v5e-16, v4-32, v6e-8, "
+                                "v5e:4x4, ...; needs `pip install libtpu`)")
 
 log = logging.getLogger("jaxft")
 
@@ -149,6 +156,47 @@ def _format(metrics: dict) -> str:
   return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+def _jit_steps(task, tx, schedule, config, lay, shardings, mesh):
+  """(train_step, eval_step, batch sharding, frozen-variable shardings), jitted with the
+  shardings of everything they take."""
+  batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
+  _, frozen_sh = lay.split(lay.shardings)
+  train_step = jax.jit(
+      steps.make_train_step(task.loss, tx, schedule, config.grad_accum_steps,
+                            regularizer=task.peft.regularizer),
+      in_shardings=(shardings, frozen_sh, None), out_shardings=(shardings, None),
+      donate_argnums=0)
+  eval_step = jax.jit(lambda p, f, b: task.eval_outputs(peft.combine(f, p), b),
+                      in_shardings=(shardings.params, frozen_sh, None))
+  return train_step, eval_step, batch_sh, frozen_sh
+
+
+def compile_only(config: ml_collections.ConfigDict, topology: str = "") -> dict:
+  """Lowers and compiles the train step for the configured mesh, on this host's devices or
+  on a TPU `topology` ("v5e-16", "v4-32", "v5e:4x4"; needs libtpu), without initialising a
+  parameter or running a step; prints and returns the per-device memory analysis."""
+  config = init_from.resolve(config)
+  mesh = sharding.make_mesh(config.mesh, aot.topology_devices(topology) if topology else None)
+  sharding.check_batch_divisible(config.batch_size, config.grad_accum_steps, mesh,
+                                 config.axis_rules)
+  proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  with distributed.primary_first("data"):
+    task = tasks.make_task(config)
+    _check_vocab(config)
+    batch = next(task.train_iterator(config.data.shuffle_seed, **proc))
+  tx, schedule = optim.make_optimizer(config.optim, _num_steps(config, task), task.peft)
+  lay = state_lib.layout(task, config.seq_len, mesh, config.axis_rules)
+  shardings = state_lib.state_shardings(lay, tx, mesh)
+  train_step, _, batch_sh, frozen_sh = _jit_steps(task, tx, schedule, config, lay, shardings,
+                                                  mesh)
+  report = aot.compile_report(train_step, state_lib.abstract_state(lay, tx, shardings),
+                              aot.abstract_tree(lay.split(lay.abstract)[1], frozen_sh),
+                              aot.abstract_batch(batch, batch_sh), local=not topology)
+  if distributed.is_primary():
+    print(aot.format_report(report, mesh))
+  return report
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) to config.num_steps (or early stopping); returns the final validation
   metrics (of the best checkpoint's params when the task reports on a test split)."""
@@ -204,15 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         int(es.get("patience", 0)), meta.get("early_stopping"))
   best_ckpt = checkpoint.BestParams(workdir)
 
-  batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
-  _, frozen_sh = lay.split(lay.shardings)
-  train_step = jax.jit(
-      steps.make_train_step(task.loss, tx, schedule, config.grad_accum_steps,
-                            regularizer=task.peft.regularizer),
-      in_shardings=(shardings, frozen_sh, None), out_shardings=(shardings, None),
-      donate_argnums=0)
-  eval_step = jax.jit(lambda p, f, b: task.eval_outputs(peft.combine(f, p), b),
-                      in_shardings=(shardings.params, frozen_sh, None))
+  train_step, eval_step, batch_sh, frozen_sh = _jit_steps(task, tx, schedule, config, lay,
+                                                          shardings, mesh)
 
   counts = parameter_counts(state, frozen)
   flops_tok = metrics.flops_per_token(task.model_cfg, config.seq_len)
@@ -364,6 +405,12 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
   log.setLevel(logging.INFO)
+  if _TOPOLOGY.value and not _COMPILE_ONLY.value:
+    raise app.UsageError("--topology only applies with --compile_only (a slice this host "
+                         "compiles for but cannot run on)")
+  if _COMPILE_ONLY.value:
+    compile_only(_CONFIG.value, _TOPOLOGY.value)
+    return
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required (where checkpoints and logs go)")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
