@@ -18,13 +18,10 @@ class Adapter(Method):
 
   def intercept(self, f, args, kwargs, context, *, deterministic: bool):
     y = f(*args, **kwargs)
+    if not self.targets_call(context, (nn.Dense, nn.DenseGeneral)):
+      return y
     module = context.module
-    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
-      return y
     path = module_path(module)
-    self.seen.add(path)
-    if not self.targets.search(path):
-      return y
     features = module.features
     if not isinstance(features, int) and len(features) != 1:
       raise ValueError(f"config.peft.targets={self.targets.pattern!r} matches {path}, whose "

@@ -97,6 +97,16 @@ class Method:
   def intercept(self, f, args, kwargs, context, *, deterministic: bool):
     return f(*args, **kwargs)
 
+  def targets_call(self, context, module_types) -> bool:
+    """Whether an intercepted call is `__call__` of a `module_types` module whose path matches
+    config.peft.targets (every candidate path is remembered for the no-match error)."""
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, module_types):
+      return False
+    path = module_path(module)
+    self.seen.add(path)
+    return bool(self.targets.search(path))
+
   def learning_rate(self, optim_lr: float) -> float:
     """config.peft.lr, else the method's default; full fine-tuning keeps config.optim.lr."""
     if self.name == "none":

@@ -69,14 +69,9 @@ class LoRA(Method):
 
   def intercept(self, f, args, kwargs, context, *, deterministic: bool):
     y = f(*args, **kwargs)
-    module = context.module
-    if context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral)):
+    if not self.targets_call(context, (nn.Dense, nn.DenseGeneral)):
       return y
-    path = module_path(module)
-    self.seen.add(path)
-    if not self.targets.search(path):
-      return y
-    x = args[0]
+    module, x = context.module, args[0]
     n, in_shape, out_shape = _sides(module, x)
     names = logical_names(module, "kernel", len(in_shape) + len(out_shape))
     in_names, out_names = names[:len(in_shape)], names[len(in_shape):]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxft.models import layers
-from jaxft.peft.base import Method, module_path, peft_variable
+from jaxft.peft.base import Method, peft_variable
 
 
 def _virtual_tokens(cfg) -> int:
@@ -35,14 +35,10 @@ class Prefix(Method):
   default_lr = 5e-3
 
   def intercept(self, f, args, kwargs, context, *, deterministic: bool):
-    module = context.module
-    if not isinstance(module, layers.ExtendKeys) or context.method_name != "__call__":
-      return f(*args, **kwargs)
-    k, v, mask = f(*args, **kwargs)
-    path = module_path(module)
-    self.seen.add(path)
-    if not self.targets.search(path):
-      return k, v, mask
+    out = f(*args, **kwargs)
+    if not self.targets_call(context, layers.ExtendKeys):
+      return out
+    module, (k, v, mask) = context.module, out
     b, _, h, dh = k.shape
     pk, pv = self._prefix(module, h, dh)  # [P, H, Dh] each
     p = pk.shape[0]
@@ -83,15 +79,13 @@ class Prompt(Method):
   default_lr = 3e-2
 
   def intercept(self, f, args, kwargs, context, *, deterministic: bool):
-    module = context.module
-    if not isinstance(module, layers.ExtendInputs) or context.method_name != "__call__":
-      return f(*args, **kwargs)
-    x, segment_ids = f(*args, **kwargs)
-    path = module_path(module)
-    self.seen.add(path)
+    out = f(*args, **kwargs)
+    if not self.targets_call(context, layers.ExtendInputs):
+      return out
+    module, (x, segment_ids) = context.module, out
     decode = args[2] if len(args) > 2 else kwargs.get("decode", False)
-    if not self.targets.search(path) or (decode and x.shape[1] == 1):
-      return x, segment_ids
+    if decode and x.shape[1] == 1:  # a decoding step: the prompt is in the cache already
+      return out
     p = _virtual_tokens(self.cfg)
     # Scaled like the embeddings it is prepended to (at init: the dummy batch's).
     scale = jnp.maximum(jnp.std(x.astype(jnp.float32)), 1e-3)
