@@ -1,5 +1,6 @@
 """Device mesh and logical-axis sharding: the only module that talks to jax.sharding."""
 
+import contextvars
 import logging
 import math
 from collections.abc import Sequence
@@ -119,3 +120,35 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) ->
     sh = NamedSharding(sharding.mesh, PartitionSpec(rows, *([None] * (v.ndim - 1))))
     out[k] = jax.make_array_from_process_local_data(sh, v)
   return out
+
+
+# The mesh and rules a traced function runs under (set by `constrained`). Passed to flax
+# explicitly rather than as a global mesh: a global mesh would also constrain flax's own
+# shape checks of DenseGeneral kernels (flattened to 2-D there) and fail.
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("jaxft_mesh_and_rules", default=None)
+
+
+def constrain(x, logical_axes: tuple):
+  """nn.with_logical_constraint under the mesh and rules of the enclosing `constrained`
+  function; the identity outside one (e.g. a model applied on one device)."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, axis_rules = active
+  return nn.with_logical_constraint(x, logical_axes, rules=axis_rules, mesh=mesh)
+
+
+def constrained(fn, mesh: Mesh, axis_rules):
+  """`fn` traced with the models' activation constraints in force (hidden states over batch,
+  logits over batch and vocabulary, ...) instead of leaving GSPMD to guess from the params."""
+  import functools
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    token = _ACTIVE.set((mesh, rules(axis_rules)))
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      _ACTIVE.reset(token)
+
+  return wrapped

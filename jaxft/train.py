@@ -161,12 +161,14 @@ def _jit_steps(task, tx, schedule, config, lay, shardings, mesh):
   shardings of everything they take."""
   batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
   _, frozen_sh = lay.split(lay.shardings)
+  loss = sharding.constrained(task.loss, mesh, config.axis_rules)
+  eval_outputs = sharding.constrained(task.eval_outputs, mesh, config.axis_rules)
   train_step = jax.jit(
-      steps.make_train_step(task.loss, tx, schedule, config.grad_accum_steps,
+      steps.make_train_step(loss, tx, schedule, config.grad_accum_steps,
                             regularizer=task.peft.regularizer),
       in_shardings=(shardings, frozen_sh, None), out_shardings=(shardings, None),
       donate_argnums=0)
-  eval_step = jax.jit(lambda p, f, b: task.eval_outputs(peft.combine(f, p), b),
+  eval_step = jax.jit(lambda p, f, b: eval_outputs(peft.combine(f, p), b),
                       in_shardings=(shardings.params, frozen_sh, None))
   return train_step, eval_step, batch_sh, frozen_sh
 

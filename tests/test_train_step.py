@@ -19,7 +19,8 @@ def run_steps(config, devices, n_steps=2, batch_seed=0):
   state, frozen, shardings, lay = state_lib.create_train_state(
       task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh, axis_rules=config.axis_rules)
   batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
-  step = jax.jit(steps.make_train_step(task.loss, tx, schedule, config.grad_accum_steps,
+  loss = sharding.constrained(task.loss, mesh, config.axis_rules)
+  step = jax.jit(steps.make_train_step(loss, tx, schedule, config.grad_accum_steps,
                                        regularizer=task.peft.regularizer),
                  in_shardings=(shardings, lay.split(lay.shardings)[1], batch_sh),
                  out_shardings=(shardings, None), donate_argnums=0)
@@ -187,3 +188,21 @@ def test_peft_on_8_devices_gives_the_single_device_loss(method):
   if method == "lora":
     a = state.params["peft"]["transformer"]["h_0"]["mlp"]["fc"]["lora_b"]  # [r, mlp]
     assert a.addressable_shards[0].data.size == a.size // 2  # mlp over tensor
+
+
+def test_logits_stay_sharded_over_batch_and_vocab():
+  """Under the axis rules the [B, T, V] logits are split over the data axes and the
+  vocabulary over tensor, never gathered whole onto every device."""
+  config = tiny_config()
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(config.mesh)
+  task = tasks.make_task(config)
+  from flax import linen as nn
+  variables = nn.unbox(task.init(jax.random.key(0), config.seq_len))
+  batch = random_batch(config)
+  forward = lambda v, b: task.apply(v, b["inputs"], b["positions"], b["segment_ids"])  # noqa: E731
+  logits = jax.jit(sharding.constrained(forward, mesh, config.axis_rules))(variables, batch)
+  assert logits.shape == (8, 16, 512)
+  assert logits.addressable_shards[0].data.shape == (2, 16, 256)  # B / (data x fsdp), V / tensor
+  unconstrained = jax.jit(forward)(variables, batch)  # the same numbers either way
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(unconstrained), atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxft import sharding
 from jaxft.models import layers
 
 Dtype = Any
@@ -71,7 +72,7 @@ class Attention(nn.Module):
         name=name, kernel_init=_init(cfg, ("embed", "heads", "kv")),
         bias_init=_zeros(("heads", "kv")))
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # [B, T, H, Dh]
-    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "kv"))
+    q = sharding.constrain(q, ("batch", "length", "act_heads", "kv"))
     k, v, attend = layers.ExtendKeys(name="extend_keys")(k, v, attend)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
     scores = jnp.where(attend[:, None], scores, jnp.finfo(jnp.float32).min)
@@ -93,7 +94,7 @@ class MLP(nn.Module):
   def __call__(self, x, *, deterministic: bool):
     cfg = self.cfg
     h = dense(cfg, cfg.intermediate_size, "fc", ("embed", "mlp"))(x)
-    h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+    h = sharding.constrain(h, ("batch", "length", "act_mlp"))
     h = jax.nn.gelu(h, approximate=False)  # HF "gelu": exact erf GELU
     h = dense(cfg, cfg.hidden_size, "proj", ("mlp", "embed"))(h)
     return nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
@@ -109,7 +110,7 @@ class Layer(nn.Module):
     # attn/* and mlp/* scopes as in GPT-2, so PEFT target patterns read the same for both.
     h = MLP(cfg, name="mlp")(x, deterministic=deterministic)
     out = LayerNorm(cfg, name="ln")(h + x)
-    return nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
+    return sharding.constrain(out, ("batch", "length", "act_embed"))
 
 
 class BertModel(nn.Module):
@@ -143,7 +144,7 @@ class BertModel(nn.Module):
          + embed(cfg.type_vocab_size, "token_type", (None, "embed"))(token_types))
     x = LayerNorm(cfg, name="ln_embed")(x)
     x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
     length = x.shape[1]
     x, segment_ids = layers.ExtendInputs(name="extend_inputs")(x, segment_ids)
     attend = ((segment_ids[:, :, None] == segment_ids[:, None, :])

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxft import sharding
 from jaxft.models import layers
 
 Dtype = Any
@@ -66,7 +67,7 @@ class Attention(nn.Module):
         kernel_init=_partitioned(_dense_init(cfg), ("embed", "heads", "kv")),
         bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")))
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # [B, T, H, Dh]
-    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "kv"))
+    q = sharding.constrain(q, ("batch", "length", "act_heads", "kv"))
 
     if decode:
       k, v, key_valid, query_slot, key_slot = self._update_cache(k, v, segment_ids)
@@ -124,7 +125,7 @@ class MLP(nn.Module):
     h = nn.Dense(4 * cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc",
                  kernel_init=_partitioned(_dense_init(cfg), ("embed", "mlp")),
                  bias_init=_partitioned(nn.initializers.zeros, ("mlp",)))(x)
-    h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+    h = sharding.constrain(h, ("batch", "length", "act_mlp"))
     h = jax.nn.gelu(h, approximate=True)  # HF "gelu_new"
     h = nn.Dense(cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="proj",
                  kernel_init=_partitioned(_dense_init(cfg, (2 * cfg.n_layer) ** -0.5),
@@ -143,7 +144,7 @@ class Block(nn.Module):
                                              deterministic=deterministic, decode=decode)
     x = x + MLP(self.cfg, name="mlp")(LayerNorm(self.cfg, name="ln_2")(x),
                                       deterministic=deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    return sharding.constrain(x, ("batch", "length", "act_embed"))
 
 
 _REMAT_POLICIES = {
@@ -182,7 +183,7 @@ class GPT2Model(nn.Module):
       segment_ids = jnp.ones_like(tokens)
     x = self.wte(tokens) + self.wpe(positions)
     x = self.drop(x, deterministic=deterministic)
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    x = sharding.constrain(x, ("batch", "length", "act_embed"))
     length = x.shape[1]
     x, segment_ids = self.extend_inputs(x, segment_ids, decode)
     for block in self.h:
@@ -192,7 +193,7 @@ class GPT2Model(nn.Module):
   def logits(self, hidden):
     """Tied LM head: hidden [B, T, D] @ wte.T -> [B, T, V]."""
     logits = self.wte.attend(hidden)
-    return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+    return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
 
 class GPT2LMHeadModel(nn.Module):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxft import sharding
 from jaxft.models import bert, gpt2
 
 
@@ -45,7 +46,7 @@ class BertForMaskedLM(nn.Module):
     bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                       (cfg.vocab_size,), cfg.param_dtype)
     logits = jnp.einsum("...d,vd->...v", h, embedding.astype(cfg.dtype)) + bias
-    return nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+    return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
 
 class BertForSequenceClassification(nn.Module):
