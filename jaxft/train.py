@@ -268,8 +268,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            dict(mesh.shape), flops_tok / 1e6, peak_src, num_steps)
 
   writer = metrics.Writer(workdir)
-  writer.write(int(_host(state.step)), counts)
   start = int(_host(state.step))
+  writer.write(start, counts)
   stopped = bool(meta.get("stopped"))
   last_saved = latest
   pending = []

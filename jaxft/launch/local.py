@@ -71,9 +71,7 @@ def launch(args: list[str], num_processes: int, *, module: str = "jaxft.train",
         if p.poll() is None:
           print(f"jaxft.launch.local: terminating process {i}", file=sys.stderr, flush=True)
           p.send_signal(signal.SIGTERM)
-      deadline = time.monotonic() + 10  # then SIGKILL whatever is left
-      grace_s = 0
-      for p in procs:
+      for p in procs:  # 10 s to exit on SIGTERM, then SIGKILL
         try:
           p.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxft.peft.base import COLLECTION, flat
+from jaxft.peft.base import COLLECTION, by_module, flat
 
 
 class AllocatorState(NamedTuple):
@@ -29,16 +29,9 @@ class AllocatorState(NamedTuple):
   keep: Any  # {module path: {"lora_e": bool [r0]}}: the mask last applied
 
 
-def _modules(peft_tree) -> dict[tuple, dict]:
-  out: dict[tuple, dict] = {}
-  for key, value in flat(peft_tree).items():
-    out.setdefault(key[:-1], {})[key[-1]] = value
-  return out
-
-
 def _triplet_scores(ipt, unc) -> dict[tuple, jax.Array]:
   """{module path: [r0] scores}."""
-  s_ipt, s_unc = _modules(ipt), _modules(unc)
+  s_ipt, s_unc = by_module(ipt), by_module(unc)
   scores = {}
   for path, leaves in s_ipt.items():
     s = {k: leaves[k] * s_unc[path][k] for k in leaves}

@@ -41,6 +41,15 @@ def split(tree: Mapping, mask: Mapping) -> tuple[dict, dict]:
   return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
 
 
+def by_module(tree: Mapping) -> dict[tuple, dict]:
+  """{module path: {leaf name: leaf}} of a "peft" subtree (leaves grouped by the layer they
+  adapt)."""
+  out: dict[tuple, dict] = {}
+  for key, value in flat(tree).items():
+    out.setdefault(key[:-1], {})[key[-1]] = value
+  return out
+
+
 def combine(frozen: Mapping, trainable: Mapping) -> dict:
   """The model's variables again: the union of the two disjoint trees."""
   return traverse_util.unflatten_dict({**flat(frozen), **flat(trainable)})

@@ -15,8 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 
-from jaxft.peft.base import COLLECTION, Method, flat, logical_names, module_path, peft_variable
+from jaxft.peft.base import (
+  COLLECTION,
+  Method,
+  by_module,
+  flat,
+  logical_names,
+  module_path,
+  peft_variable,
+)
 
 
 def _sides(module: nn.Module, x) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
@@ -93,15 +102,10 @@ class LoRA(Method):
 
   def merge(self, variables) -> dict:
     params = {k: np.asarray(v) for k, v in flat(jax.device_get(variables["params"])).items()}
-    modules: dict[tuple, dict] = {}
-    for key, value in flat(jax.device_get(variables.get(COLLECTION, {}))).items():
-      modules.setdefault(key[:-1], {})[key[-1]] = value
-    for path, leaves in modules.items():
+    for path, leaves in by_module(jax.device_get(variables.get(COLLECTION, {}))).items():
       kernel = params[(*path, "kernel")]
       params[(*path, "kernel")] = (kernel.astype(np.float32)
                                    + self.kernel_delta(leaves)).astype(kernel.dtype)
-    from flax import traverse_util
-
     return {"params": traverse_util.unflatten_dict(params)}
 
   def describe(self) -> str:
