@@ -15,6 +15,7 @@ AXIS_RULES = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("kv", None),
+    ("layers", None),  # the leading axis of params stacked by config.model.scan_layers
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -43,11 +44,21 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
 
 
 def mesh() -> ml_collections.ConfigDict:
-  """Device mesh: product of sizes = number of devices; -1 = whatever is left."""
+  """Device mesh (jaxft/sharding.py): data x fsdp x tensor inside one slice, times dcn_data x
+  dcn_fsdp x dcn_tensor slices; the product of all six = number of devices."""
   m = ml_collections.ConfigDict()
+  # Layout inside one slice (ICI: a TPU slice, or one host's GPUs); -1 = the remaining devices
+  # of one slice. With a single slice (all dcn_* = 1) these are the whole mesh.
   m.data = -1
   m.fsdp = 1
   m.tensor = 1
+  # How many slices each axis spans (TPU multi-slice, over the data-center network; on CPU/GPU
+  # each process counts as a slice). The total size of axis X is X * dcn_X, and dcn_data *
+  # dcn_fsdp * dcn_tensor must equal the number of slices. Typical multi-slice: dcn_data = the
+  # number of slices (pure data parallelism across slices), fsdp/tensor inside each slice.
+  m.dcn_data = 1
+  m.dcn_fsdp = 1
+  m.dcn_tensor = 1
   return m
 
 

@@ -41,7 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.resid_pdrop = 0.1
   c.model.layer_norm_epsilon = 1e-5
   c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
-  c.model.remat = "none"  # "none" | "full" | "dots": trade recompute for activation memory
+  # Activation memory vs recompute (jaxft/models/layers.py REMAT_POLICIES): "none" | "full" |
+  # "dots" (keep weight matmuls) | "dots_all" (and attention matmuls). scan_layers: one
+  # nn.scan over the blocks, compiled once (faster compiles for deep models, same numbers).
+  c.model.remat = "none"
+  c.model.scan_layers = False
 
   c.data = ml_collections.ConfigDict()
   c.data.files = ""  # glob(s) of .txt / .jsonl training files; "" = embedded Shakespeare

@@ -54,14 +54,11 @@ class JaxftRunner:
                                    config.axis_rules)
     self.task = tasks.make_task(config)
     tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
-    self.state, self.frozen, shardings, _ = state_lib.create_train_state(
+    self.state, self.frozen, shardings, lay = state_lib.create_train_state(
         self.task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh,
         axis_rules=config.axis_rules)
-    batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
+    step, _, batch_sh, _ = steps.jit_steps(self.task, tx, schedule, config, lay, shardings, mesh)
     self.batch = sharding.global_batch(random_batch(config), batch_sh)
-    step = jax.jit(steps.make_train_step(self.task.loss, tx, schedule, config.grad_accum_steps),
-                   in_shardings=(shardings, None, batch_sh), out_shardings=(shardings, None),
-                   donate_argnums=0)
     t = time.perf_counter()
     lowered = step.lower(self.state, self.frozen, self.batch)
     self.lower_s = time.perf_counter() - t

@@ -222,6 +222,44 @@ def _n_layer(leaf_paths, arch: Arch) -> int:
               if p.startswith(prefix + marker)})
 
 
+# config.model.scan_layers keeps the layers as one nn.scan module ("h" / "layer") whose leaves
+# have a leading layer axis; the tables are written per layer ("h_3"). These convert.
+_STACKED = {"gpt2": "h", "bert": "layer"}
+
+
+def _stack_prefix(arch: Arch) -> str:
+  jp = f"{arch.jaxft_prefix}/" if arch.jaxft_prefix else ""
+  return f"{jp}{_STACKED[arch.family]}/"
+
+
+def _is_stacked(leaf_paths, arch: Arch) -> bool:
+  return any(p.startswith(_stack_prefix(arch)) for p in leaf_paths)
+
+
+def _unstack(leaves: dict, arch: Arch, take=lambda x, i: x[i]) -> dict:
+  """Stacked leaves "h/attn/..." [L, ...] -> per-layer leaves "h_{i}/attn/..."; others kept.
+  `take(leaf, i)` picks layer i (of an array, or of a shape for the abstract tree)."""
+  prefix, out = _stack_prefix(arch), {}
+  for path, x in leaves.items():
+    if not path.startswith(prefix):
+      out[path] = x
+      continue
+    for i in range(x.shape[0]):
+      out[f"{prefix[:-1]}_{i}/{path[len(prefix):]}"] = take(x, i)
+  return out
+
+
+def _stack(leaves: dict, arch: Arch, n_layer: int) -> dict:
+  """The inverse of `_unstack` for arrays."""
+  prefix = _stack_prefix(arch)
+  per_layer = [f"{prefix[:-1]}_{i}/" for i in range(n_layer)]
+  out = {p: x for p, x in leaves.items() if not p.startswith(tuple(per_layer))}
+  for path in [p for p in leaves if p.startswith(per_layer[0])]:
+    rest = path[len(per_layer[0]):]
+    out[prefix + rest] = np.stack([leaves[layer + rest] for layer in per_layer])
+  return out
+
+
 def _read_safetensors(file: str) -> dict[str, np.ndarray]:
   from safetensors.numpy import load_file
 
@@ -323,6 +361,9 @@ def load_params(path: str, expected: Mapping, architecture: str,
   _check_tied(raw, arch, path)
   tensors = _backbone_names(raw, arch)
   want = dict(_flatten(expected))
+  stacked = _is_stacked(want, arch)
+  if stacked:
+    want = _unstack(want, arch, lambda s, i: jax.ShapeDtypeStruct(s.shape[1:], s.dtype))
   n_layer = _n_layer(want, arch)
   table = arch.rows(n_layer, with_hf_prefix=False)
   leaves, newly = _fill(table, tensors, want, path, family, arch.optional(n_layer))
@@ -337,7 +378,7 @@ def load_params(path: str, expected: Mapping, architecture: str,
   prefix = _BACKBONE_PREFIX[arch.family]
   used = {r.hf for r in table} | {copy.removeprefix(prefix) for copy, _ in arch.tied}
   _warn_unused(tensors, used, path, architecture, _IGNORED_SUFFIXES)
-  return _unflatten(leaves)
+  return _unflatten(_stack(leaves, arch, n_layer) if stacked else leaves)
 
 
 def load_hf_params(path: str, expected: Mapping) -> dict:
@@ -355,6 +396,8 @@ def to_hf_tensors(params: Mapping, architecture: str = "GPT2LMHeadModel") -> dic
   head, the MLM decoder) are left out, as transformers' save_pretrained leaves them out."""
   arch = ARCHITECTURES[architecture]
   leaves = {p: np.asarray(jax.device_get(x), np.float32) for p, x in _flatten(params)}
+  if _is_stacked(leaves, arch):
+    leaves = _unstack(leaves, arch)
   n_layer = _n_layer(leaves, arch)
   return {r.hf: r.to_hf([leaves[p] for p in r.jaxft])
           for r in arch.rows(n_layer, with_hf_prefix=True)}

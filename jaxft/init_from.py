@@ -19,7 +19,7 @@ from jaxft import hf
 
 log = logging.getLogger("jaxft")
 
-_KEPT_FROM_USER = ("dtype", "remat")  # how to compute, not what the weights are
+_KEPT_FROM_USER = ("dtype", "remat", "scan_layers")  # how to compute, not what the weights are
 
 
 def is_workdir(path: str) -> bool:

@@ -8,17 +8,36 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# config.mesh.dcn_<axis>: how many slices (over the data-center network) each axis spans.
+DCN_FIELDS = tuple(f"dcn_{a}" for a in MESH_AXES)
 
 
-def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-  """Mesh sizes from config.mesh; one axis may be -1 (= whatever the others leave)."""
+def _dcn_shape(mesh_cfg) -> tuple[int, ...]:
+  """config.mesh.dcn_* (1 where a config predates them), checked: positive integers."""
+  shape = []
+  for field in DCN_FIELDS:
+    value = mesh_cfg.get(field, 1)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"config.mesh.{field}={value!r}: the dcn_* sizes are the number of "
+                       "slices an axis spans and must be positive integers (1 = within one "
+                       "slice); -1 ('the rest') is only for data/fsdp/tensor")
+    shape.append(int(value))
+  return tuple(shape)
+
+
+def _resolve_ici(mesh_cfg, num_devices: int, slices: int) -> tuple[int, ...]:
+  """In-slice sizes from config.mesh.data/fsdp/tensor; one may be -1 (= the rest of a slice)."""
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  where = (f"the {num_devices} devices" if slices == 1 else
+           f"the {num_devices} devices of one slice ({num_devices * slices} devices / {slices} "
+           "slices from config.mesh.dcn_*)")
   if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))}: sizes must be positive, with "
                      "at most one -1 (meaning 'the remaining devices')")
@@ -26,20 +45,95 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   if free:
     if num_devices % fixed:
       raise ValueError(f"config.mesh: the fixed axes multiply to {fixed}, which does not divide "
-                       f"the {num_devices} devices; change config.mesh")
+                       f"{where}; change config.mesh")
     sizes[MESH_AXES.index(free[0])] = num_devices // fixed
   if math.prod(sizes) != num_devices:
+    if slices == 1:
+      raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                       f"devices but {num_devices} are available; set one axis to -1")
     raise ValueError(f"config.mesh={dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                     f"devices but {num_devices} are available; set one axis to -1")
+                     f"devices per slice but a slice has {num_devices} ({where}); data/fsdp/"
+                     "tensor describe one slice: set one of them to -1")
   return tuple(sizes)
 
 
+def resolve_hybrid_shape(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(ici, dcn) sizes per mesh axis: the layout inside one slice and across slices.
+
+  The total size of axis X is ici[X] * dcn[X]; a slice holds num_devices / prod(dcn) devices."""
+  dcn = _dcn_shape(mesh_cfg)
+  slices = math.prod(dcn)
+  if num_devices % slices:
+    raise ValueError(f"config.mesh.dcn_*={dict(zip(DCN_FIELDS, dcn))} span {slices} slices, "
+                     f"which does not divide the {num_devices} devices; set dcn_data * dcn_fsdp "
+                     "* dcn_tensor to the number of slices (1 for a single slice)")
+  return _resolve_ici(mesh_cfg, num_devices // slices, slices), dcn
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """Total mesh sizes per axis (in-slice size x slices) from config.mesh; one of data/fsdp/
+  tensor may be -1 (= whatever the others leave of a slice)."""
+  ici, dcn = resolve_hybrid_shape(mesh_cfg, num_devices)
+  return tuple(i * d for i, d in zip(ici, dcn))
+
+
+def _slices(devices: Sequence[jax.Device]) -> tuple[str, dict]:
+  """How the devices group into slices: by `slice_index` on TPU (and wherever it tells slices
+  apart); otherwise each process stands for a slice, as jax's create_hybrid_device_mesh(
+  process_is_granule=True) has it. Multi-process CPU devices carry a slice_index that is 0 for
+  all of them, so its mere presence does not decide."""
+  by_slice = hasattr(devices[0], "slice_index") and (
+      devices[0].platform == "tpu" or len({d.slice_index for d in devices}) > 1)
+  attr = "slice_index" if by_slice else "process_index"
+  groups: dict = {}
+  for d in devices:
+    groups.setdefault(getattr(d, attr), []).append(d)
+  return attr, groups
+
+
+def hybrid_devices(ici: Sequence[int], dcn: Sequence[int],
+                   devices: Sequence[jax.Device]) -> np.ndarray | None:
+  """The [data, fsdp, tensor] array of devices for a multi-slice mesh (prod(dcn) > 1): every
+  slice fills one contiguous ici-shaped block, so only the dcn part of an axis crosses the
+  data-center network. None for a single slice (jax.make_mesh lays that out)."""
+  slices = math.prod(dcn)
+  attr, groups = _slices(devices)
+  if slices == 1:
+    if attr == "slice_index" and len(groups) > 1:
+      log.warning("the %d devices span %d TPU slices but config.mesh.dcn_* are all 1: set "
+                  "config.mesh.dcn_data=%d (data parallelism across slices) so that only the "
+                  "data axis crosses the data-center network", len(devices), len(groups),
+                  len(groups))
+    return None
+  unit = "slices" if attr == "slice_index" else "processes (each one a slice on CPU/GPU)"
+  if len(groups) != slices:
+    raise ValueError(f"config.mesh.dcn_*={dict(zip(DCN_FIELDS, dcn))} span {slices} slices but "
+                     f"the {len(devices)} devices belong to {len(groups)} {unit}; make "
+                     f"dcn_data * dcn_fsdp * dcn_tensor equal {len(groups)} (all 1 for a single "
+                     "slice)")
+  sizes = {k: len(v) for k, v in sorted(groups.items())}
+  if any(n != len(devices) // slices for n in sizes.values()):
+    raise ValueError(f"config.mesh.dcn_*: a multi-slice mesh needs equal slices, but the {unit} "
+                     f"hold {sizes} devices; run the same number of devices in each")
+  return mesh_utils.create_hybrid_device_mesh(
+      tuple(ici), tuple(dcn), devices, process_is_granule=attr == "process_index")
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The [data, fsdp, tensor] mesh of config.mesh: data/fsdp/tensor inside a slice (ICI) times
+  dcn_data/dcn_fsdp/dcn_tensor across slices (DCN)."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = resolve_mesh_shape(mesh_cfg, len(devices))
+  ici, dcn = resolve_hybrid_shape(mesh_cfg, len(devices))
+  shape = tuple(i * d for i, d in zip(ici, dcn))
+  log.info("mesh %s over %d slice(s) of %d devices", ", ".join(
+      f"{a}={s} (ici {i} x dcn {d})" for a, s, i, d in zip(MESH_AXES, shape, ici, dcn)),
+      math.prod(dcn), len(devices) // math.prod(dcn))
   # Auto axes: GSPMD propagates shardings from the logical-axis annotations.
-  return jax.make_mesh(shape, MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  array = hybrid_devices(ici, dcn, devices)
+  if array is None:
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
+  return Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
 def rules(axis_rules) -> tuple:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxft import peft
+from jaxft import peft, sharding
 from jaxft.state import TrainState
 
 
@@ -69,3 +69,20 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_ac
     return new_state, metrics
 
   return train_step
+
+
+def jit_steps(task, tx, schedule, config, lay, shardings, mesh):
+  """(train_step, eval_step, batch sharding, frozen-variable shardings), jitted with the
+  shardings of everything they take."""
+  batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
+  _, frozen_sh = lay.split(lay.shardings)
+  loss = sharding.constrained(task.loss, mesh, config.axis_rules)
+  eval_outputs = sharding.constrained(task.eval_outputs, mesh, config.axis_rules)
+  train_step = jax.jit(
+      make_train_step(loss, tx, schedule, config.grad_accum_steps,
+                      regularizer=task.peft.regularizer),
+      in_shardings=(shardings, frozen_sh, None), out_shardings=(shardings, None),
+      donate_argnums=0)
+  eval_step = jax.jit(lambda p, f, b: eval_outputs(peft.combine(f, p), b),
+                      in_shardings=(shardings.params, frozen_sh, None))
+  return train_step, eval_step, batch_sh, frozen_sh

@@ -156,23 +156,6 @@ def _format(metrics: dict) -> str:
   return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def _jit_steps(task, tx, schedule, config, lay, shardings, mesh):
-  """(train_step, eval_step, batch sharding, frozen-variable shardings), jitted with the
-  shardings of everything they take."""
-  batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
-  _, frozen_sh = lay.split(lay.shardings)
-  loss = sharding.constrained(task.loss, mesh, config.axis_rules)
-  eval_outputs = sharding.constrained(task.eval_outputs, mesh, config.axis_rules)
-  train_step = jax.jit(
-      steps.make_train_step(loss, tx, schedule, config.grad_accum_steps,
-                            regularizer=task.peft.regularizer),
-      in_shardings=(shardings, frozen_sh, None), out_shardings=(shardings, None),
-      donate_argnums=0)
-  eval_step = jax.jit(lambda p, f, b: eval_outputs(peft.combine(f, p), b),
-                      in_shardings=(shardings.params, frozen_sh, None))
-  return train_step, eval_step, batch_sh, frozen_sh
-
-
 def compile_only(config: ml_collections.ConfigDict, topology: str = "") -> dict:
   """Lowers and compiles the train step for the configured mesh, on this host's devices or
   on a TPU `topology` ("v5e-16", "v4-32", "v5e:4x4"; needs libtpu), without initialising a
@@ -189,13 +172,14 @@ def compile_only(config: ml_collections.ConfigDict, topology: str = "") -> dict:
   tx, schedule = optim.make_optimizer(config.optim, _num_steps(config, task), task.peft)
   lay = state_lib.layout(task, config.seq_len, mesh, config.axis_rules)
   shardings = state_lib.state_shardings(lay, tx, mesh)
-  train_step, _, batch_sh, frozen_sh = _jit_steps(task, tx, schedule, config, lay, shardings,
-                                                  mesh)
+  train_step, _, batch_sh, frozen_sh = steps.jit_steps(task, tx, schedule, config, lay,
+                                                       shardings, mesh)
   report = aot.compile_report(train_step, state_lib.abstract_state(lay, tx, shardings),
                               aot.abstract_tree(lay.split(lay.abstract)[1], frozen_sh),
                               aot.abstract_batch(batch, batch_sh), local=not topology)
   if distributed.is_primary():
     print(aot.format_report(report, mesh))
+    print(json.dumps(report), flush=True)  # the last line, for scripts (jaxft.bench_memory)
   return report
 
 
@@ -254,8 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         int(es.get("patience", 0)), meta.get("early_stopping"))
   best_ckpt = checkpoint.BestParams(workdir)
 
-  train_step, eval_step, batch_sh, frozen_sh = _jit_steps(task, tx, schedule, config, lay,
-                                                          shardings, mesh)
+  train_step, eval_step, batch_sh, frozen_sh = steps.jit_steps(task, tx, schedule, config,
+                                                               lay, shardings, mesh)
 
   counts = parameter_counts(state, frozen)
   flops_tok = metrics.flops_per_token(task.model_cfg, config.seq_len)

@@ -27,3 +27,24 @@ def test_bench_cli_ends_with_one_json_line_of_consistent_figures():
   assert r["temp_bytes"] > 0 and r["host_peak_rss_bytes"] > 0
   assert r["jaxft_over_torch"] == pytest.approx(r["torch_eager_step_s"] / r["step_s"])
   assert any("tokens/s" in line and "MFU" in line for line in lines)
+
+
+def test_bench_memory_compares_remat_policies_under_scan():
+  """`python -m jaxft.bench_memory`: one --compile_only child per combination; with the layers
+  scanned, full remat keeps only each block's input for the backward pass."""
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxft.bench_memory", "--policies", "none,full", "--scan", "true",
+       "--", "--config", "configs/gpt2.py:tiny", "--config.mesh.data=1", "--config.seq_len=256",
+       "--config.model.n_positions=256", "--config.model.n_layer=4",
+       "--config.model.n_embd=64", "--config.model.n_head=4", "--config.batch_size=16",
+       "--config.lm_loss_chunk=8"],
+      cwd=ROOT, capture_output=True, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = json.loads(out.stdout.strip().splitlines()[-1])
+  assert [(r["remat"], r["scan_layers"]) for r in rows] == [("none", True), ("full", True)]
+  none, full = rows
+  assert none["train_state"] == full["train_state"] > 0  # the same params and Adam state
+  assert full["temp"] < 0.5 * none["temp"]
+  assert all(r["compile_s"] > 0 and r["host_peak_rss"] > 0 for r in rows)
+  assert "remat" in out.stdout and "x base" in out.stdout  # the table

@@ -88,6 +88,71 @@ def test_checkpoints_resume_across_process_counts_and_meshes(runs, source, proce
                              [a[s] for s in range(4, STEPS + 1)], rtol=0, atol=1e-5)
 
 
+# 2 slices (here: processes) of 4 devices, fsdp=2 inside each: the total mesh is data=4 x fsdp=2.
+MULTISLICE = ("--config.mesh.data=-1", "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2")
+
+
+def test_two_slices_train_as_one_process_on_the_same_mesh(tmp_path):
+  """dcn_data=2 over 2 processes x 4 devices (each process a slice, as on CPU/GPU) gives the
+  per-step losses of 1 process x 8 devices on the same total mesh, data=4 x fsdp=2."""
+  write_corpus(str(tmp_path / "corpus"))
+  flat, sliced = tmp_path / "flat", tmp_path / "sliced"
+  _run(tmp_path, flat, 1, "--config.mesh.data=4", "--config.mesh.fsdp=2")
+  out = _run(tmp_path, sliced, 2, *MULTISLICE)
+  assert "mesh data=4 (ici 2 x dcn 2), fsdp=2 (ici 2 x dcn 1), tensor=1 (ici 1 x dcn 1) over " \
+         "2 slice(s) of 4 devices" in out.stdout + out.stderr
+  a, b = _losses(flat), _losses(sliced)
+  assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=0,
+                             atol=1e-5)
+
+
+# Run in every process through the launcher: the mesh indices of this process's devices.
+_MESH_PROBE = """
+import json, sys
+import jax, numpy as np
+from configs import common
+from jaxft import distributed, sharding
+distributed.initialize()
+for spec in sys.argv[1:]:
+  cfg = common.mesh()
+  cfg.update({k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+  try:
+    mesh = sharding.make_mesh(cfg)
+  except ValueError as e:
+    print("PROBE", json.dumps({"spec": spec, "error": str(e)}))
+    continue
+  mine = [[int(i) for i in ix] for ix, d in np.ndenumerate(mesh.devices)
+          if d in jax.local_devices()]
+  print("PROBE", json.dumps({"spec": spec, "process": jax.process_index(),
+                             "shape": dict(mesh.shape), "indices": mine}))
+"""
+
+
+def test_each_slice_is_its_own_block_of_the_mesh(capfd):
+  """With 2 processes as 2 slices, dcn_data=2 gives each process its own half of the data
+  axis (fsdp inside it), dcn_fsdp=2 its own half of the fsdp axis; a dcn that does not match
+  the 2 slices fails with the fix."""
+  specs = ["fsdp=2,dcn_data=2", "data=2,fsdp=-1,dcn_fsdp=2", "dcn_data=4"]
+  code = local.launch(["-c", _MESH_PROBE, *specs], 2, module="", devices_per_process=4,
+                      grace_s=5, cwd=ROOT)
+  out = capfd.readouterr().out
+  assert code == 0, out[-4000:]
+  probes = [json.loads(line.split("PROBE ", 1)[1]) for line in out.splitlines()
+            if "PROBE " in line]
+  by = {(p["spec"], p.get("process")): p for p in probes}
+  for proc in (0, 1):
+    data = by[(specs[0], proc)]
+    assert data["shape"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert sorted({i[0] for i in data["indices"]}) == [2 * proc, 2 * proc + 1]
+    assert sorted({i[1] for i in data["indices"]}) == [0, 1]
+    fsdp = by[(specs[1], proc)]
+    assert fsdp["shape"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert sorted({i[1] for i in fsdp["indices"]}) == [2 * proc, 2 * proc + 1]
+    assert sorted({i[0] for i in fsdp["indices"]}) == [0, 1]
+  assert "span 4 slices but the 8 devices belong to 2 processes" in by[(specs[2], None)]["error"]
+
+
 def test_a_dead_process_stops_the_others(runs, tmp_path):
   """SIGKILL one of two processes mid-run: the other exits within the heartbeat timeout with
   JAX's error naming the cause, rather than waiting forever in a collective."""

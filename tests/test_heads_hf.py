@@ -84,10 +84,11 @@ def _init(module, tokens, seed=1):
                                    for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("architecture", list(BERT_ARCHS))
-def test_bert_heads_import_and_export_match_transformers(tmp_path, architecture):
+def test_bert_heads_import_and_export_match_transformers(tmp_path, architecture, scan_layers):
   make, hf_class = BERT_ARCHS[architecture]
-  module = make(bert.BertConfig(**BERT))
+  module = make(bert.BertConfig(**BERT, scan_layers=scan_layers))
   tokens, mask, types = _batch(BERT["vocab_size"])
 
   torch.manual_seed(0)

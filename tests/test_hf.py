@@ -28,9 +28,9 @@ def _torch_model(seed=0, **overrides):
   return transformers.GPT2LMHeadModel(config).eval()
 
 
-def _jaxft_model(path):
+def _jaxft_model(path, **model):
   config = gpt2_configs.base_config()
-  config.model.update(hf.model_overrides(hf.read_hf_config(path)))
+  config.model.update(hf.model_overrides(hf.read_hf_config(path)), **model)
   model, cfg = build_model(config.model)
   return model, cfg
 
@@ -89,11 +89,19 @@ def test_export_loads_in_transformers_with_equal_logits_and_tokenizer(tmp_path):
   assert hf_tok.eos_token_id == tok.eos_id == loaded.config.eos_token_id == 50256
 
 
-def test_round_trip_is_exact(tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_round_trip_is_exact(tmp_path, scan_layers):
+  """HF -> jaxft -> HF gives back every tensor bit for bit, also through the stacked layout
+  of config.model.scan_layers (whose logits equal transformers' too)."""
   reference = _torch_model(seed=3)
   reference.save_pretrained(tmp_path / "in")
-  model, cfg = _jaxft_model(str(tmp_path / "in"))
+  model, cfg = _jaxft_model(str(tmp_path / "in"), scan_layers=scan_layers)
   params = hf.load_hf_params(str(tmp_path / "in"), _expected(model))
+  if scan_layers:
+    assert params["transformer"]["h"]["attn"]["query"]["kernel"].shape == (2, 64, 4, 16)
+  tokens = _tokens()
+  np.testing.assert_allclose(_jaxft_logits(model, params, tokens),
+                             _torch_logits(reference, tokens), atol=1e-4, rtol=0)
   hf.save_hf(str(tmp_path / "out"), params, cfg)
   again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out")
   for name, tensor in reference.state_dict().items():

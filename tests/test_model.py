@@ -45,7 +45,7 @@ def test_causal_and_segment_isolation():
   np.testing.assert_allclose(alone, logits[:, cut:], atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_all"])
 def test_remat_gives_the_same_loss_and_gradients(policy):
   config = tiny_config()
   batch = random_batch(config)

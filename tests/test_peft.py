@@ -43,13 +43,13 @@ from tests.helpers import (
 METHODS = ["lora", "adalora", "adapter", "prefix", "prompt"]
 
 
-def bert_task(method="none", **fields):
+def bert_task(method="none", scan_layers=False, **fields):
   config = finetune.get_config("classification")
   config.init_from = ""
   config.model.update(dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=2, intermediate_size=64,
                            max_position_embeddings=64, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0))
+                           attention_probs_dropout_prob=0.0, scan_layers=scan_layers))
   config.seq_len = 16
   config.peft.method = method
   set_fields(config.peft, fields)
@@ -90,9 +90,12 @@ def test_starts_as_the_base_model(method):
   assert peft.flat(variables[peft.COLLECTION])
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
 @pytest.mark.parametrize("method", ["lora", "adalora"])
-def test_merge_equals_unmerged(method):
-  task, base = bert_task(method, targets="attn.*|mlp.*"), bert_task("none")
+def test_merge_equals_unmerged(method, scan_layers):
+  """(Also with scan_layers, where A, B, E and the kernels carry a leading layer axis.)"""
+  task = bert_task(method, scan_layers, targets="attn.*|mlp.*")
+  base = bert_task("none", scan_layers)
   variables = perturb(init_variables(task), scale=0.3)
   merged = task.peft.merge(variables)
   batch = bert_batch()
@@ -140,18 +143,21 @@ def test_only_peft_and_head_train_and_optimizer_state_scales_with_them(method):
   assert peft.nbytes(state.opt_state) < 0.25 * peft.nbytes(full_state.opt_state)
 
 
-def _causal(method, **fields):
-  config = tiny_config()
+def _causal(method, scan_layers=False, **fields):
+  config = tiny_config(scan_layers=scan_layers)
   config.peft.method = method
   set_fields(config.peft, {"num_virtual_tokens": 3, **fields})
   return config, tasks.make_task(config)
 
 
-@pytest.mark.parametrize("method", ["prefix", "prompt"])
-def test_decoding_with_kv_cache_equals_full_recompute(method):
+@pytest.mark.parametrize("method,scan_layers", [("prefix", False), ("prompt", False),
+                                                ("prefix", True)])
+def test_decoding_with_kv_cache_equals_full_recompute(method, scan_layers):
   """Prefill + one-token steps with the KV cache give the logits of a full forward pass over
-  the same tokens: the prefix / soft prompt conditions every cached step."""
-  config, task = _causal(method, prefix_projection=16 if method == "prefix" else 0)
+  the same tokens: the prefix / soft prompt conditions every cached step (also with the
+  per-layer prefixes and caches stacked by scan_layers)."""
+  config, task = _causal(method, scan_layers,
+                         prefix_projection=16 if method == "prefix" else 0)
   variables = perturb(init_variables(task), scale=0.5)
   model = peft.bind(task.model, task.peft)
   tokens = jnp.asarray([[5, 9, 11, 3, 7, 2, 8, 1], [4, 4, 6, 10, 12, 3, 9, 5]], jnp.int32)
@@ -178,8 +184,10 @@ def test_decoding_with_kv_cache_equals_full_recompute(method):
   assert np.argmax(np.asarray(again[0, 2:]), axis=-1).tolist() == out
 
 
-def test_adalora_prunes_to_the_budget_and_resumes_its_allocation():
-  config, task = _causal("adalora", rank=2, init_rank=4, warmup_fraction=0.1,
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_adalora_prunes_to_the_budget_and_resumes_its_allocation(scan_layers):
+  """(With scan_layers each stacked layer is its own module of the budget.)"""
+  config, task = _causal("adalora", scan_layers, rank=2, init_rank=4, warmup_fraction=0.1,
                          final_fraction=0.3, mask_every=1, targets="attn/(query|value)$")
   assert adalora.budget(0, num_steps=20, t_init=2, t_final=6, init_total=16,
                         target_total=8) == 16
@@ -199,6 +207,7 @@ def test_adalora_prunes_to_the_budget_and_resumes_its_allocation():
     assert np.isfinite(float(m["loss"]))
   ranks = adalora.rank_pattern(state.opt_state)
   assert len(ranks) == 4 and sum(ranks.values()) == 2 * 4  # rank 2 on average over 4 modules
+  assert ("transformer/h/attn/query[1]" in ranks) == scan_layers
   e = [v for k, v in peft.flat(state.params["peft"]).items() if k[-1] == "lora_e"]
   assert sum(int((np.asarray(x) != 0).sum()) for x in e) == 8
   reg = task.peft.regularizer(peft.combine(frozen, state.params))

@@ -6,24 +6,27 @@ import jax
 import numpy as np
 import pytest
 
-from jaxft import optim, sharding, steps, tasks
+from jaxft import hf, optim, sharding, steps, tasks
 from jaxft import state as state_lib
 from tests.helpers import random_batch, tiny_config
 
 
-def run_steps(config, devices, n_steps=2, batch_seed=0):
-  """Losses of n_steps train steps on one fixed batch, and the final params on the host."""
+def run_steps(config, devices, n_steps=2, batch_seed=0, hf_tensors=None):
+  """Losses of n_steps train steps on one fixed batch, and the final params on the host.
+  `hf_tensors` (an HF state dict) replace the random initial params."""
   mesh = sharding.make_mesh(config.mesh, devices)
   task = tasks.make_task(config)
   tx, schedule = optim.make_optimizer(config.optim, config.num_steps, task.peft)
+  variables = None
+  if hf_tensors is not None:
+    lay = state_lib.layout(task, config.seq_len, mesh, config.axis_rules)
+    variables = {**state_lib.random_variables(task, config.seq_len, config.seed, lay),
+                 "params": hf.load_params("hf_tensors", lay.abstract["params"],
+                                          task.architecture, tensors=hf_tensors)}
   state, frozen, shardings, lay = state_lib.create_train_state(
-      task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh, axis_rules=config.axis_rules)
-  batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
-  loss = sharding.constrained(task.loss, mesh, config.axis_rules)
-  step = jax.jit(steps.make_train_step(loss, tx, schedule, config.grad_accum_steps,
-                                       regularizer=task.peft.regularizer),
-                 in_shardings=(shardings, lay.split(lay.shardings)[1], batch_sh),
-                 out_shardings=(shardings, None), donate_argnums=0)
+      task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh, axis_rules=config.axis_rules,
+      variables=variables)
+  step, _, batch_sh, _ = steps.jit_steps(task, tx, schedule, config, lay, shardings, mesh)
   batch = sharding.global_batch(random_batch(config, batch_seed), batch_sh)
   losses = []
   for _ in range(n_steps):
@@ -206,3 +209,28 @@ def test_logits_stay_sharded_over_batch_and_vocab():
   assert logits.addressable_shards[0].data.shape == (2, 16, 256)  # B / (data x fsdp), V / tensor
   unconstrained = jax.jit(forward)(variables, batch)  # the same numbers either way
   np.testing.assert_allclose(np.asarray(logits), np.asarray(unconstrained), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_all"])
+def test_scan_over_layers_trains_exactly_like_the_layer_loop(reference, remat):
+  """nn.scan over the blocks (params stacked on a leading "layers" axis) with each remat
+  policy, on a 2 x 2 x 2 mesh, from the same weights: the losses of the plain model."""
+  config = tiny_config(scan_layers=True, remat=remat)
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  plain = tiny_config()
+  plain.mesh.data = 1
+  task = tasks.make_task(plain)
+  first = state_lib.random_variables(
+      task, plain.seq_len, plain.seed,
+      state_lib.layout(task, plain.seq_len, sharding.make_mesh(plain.mesh, jax.devices()[:1]),
+                       plain.axis_rules))
+  losses, params, state = run_steps(config, jax.devices(),
+                                    hf_tensors=hf.to_hf_tensors(first["params"]))
+  np.testing.assert_allclose(losses, reference[0], rtol=0, atol=1e-5)
+  kernel = state.params["params"]["transformer"]["h"]["mlp"]["fc"]["kernel"]  # [layers, e, m]
+  assert kernel.shape[0] == config.model.n_layer
+  assert kernel.addressable_shards[0].data.size == kernel.size // 4  # fsdp x tensor
+  # and the trained weights are the plain model's, layer by layer
+  trained = hf.to_hf_tensors(params["params"])
+  for name, tensor in hf.to_hf_tensors(reference[1]["params"]).items():
+    np.testing.assert_allclose(trained[name], tensor, atol=1e-5, rtol=0, err_msg=name)

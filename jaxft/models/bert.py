@@ -35,6 +35,8 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   classifier_dropout: float | None = None  # heads' dropout; None = hidden_dropout_prob
+  remat: str = "none"  # layers.REMAT_POLICIES: what the backward pass keeps of each layer
+  scan_layers: bool = False  # one nn.scan over the layers (compiles once; params [layers, ...])
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -104,13 +106,15 @@ class Layer(nn.Module):
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, x, attend, *, deterministic: bool):
+  # The signature layers.block_stack expects (decode unused: BERT keeps no KV cache).
+  def __call__(self, x, attend, deterministic: bool, decode: bool = False):
+    del decode
     cfg = self.cfg
     x = Attention(cfg, name="attn")(x, attend, deterministic=deterministic)
     # attn/* and mlp/* scopes as in GPT-2, so PEFT target patterns read the same for both.
     h = MLP(cfg, name="mlp")(x, deterministic=deterministic)
     out = LayerNorm(cfg, name="ln")(h + x)
-    return sharding.constrain(out, ("batch", "length", "act_embed"))
+    return sharding.constrain(out, ("batch", "length", "act_embed")), None
 
 
 class BertModel(nn.Module):
@@ -149,8 +153,9 @@ class BertModel(nn.Module):
     x, segment_ids = layers.ExtendInputs(name="extend_inputs")(x, segment_ids)
     attend = ((segment_ids[:, :, None] == segment_ids[:, None, :])
               & (segment_ids[:, None, :] > 0))  # [B, Tq, Tk]
-    for i in range(cfg.num_hidden_layers):
-      x = Layer(cfg, name=f"layer_{i}")(x, attend, deterministic=deterministic)
+    stack = layers.block_stack(Layer, cfg, cfg.num_hidden_layers, name="layer", remat=cfg.remat,
+                               scan=cfg.scan_layers)
+    x = layers.run_blocks(stack, x, attend, deterministic)
     x = x[:, x.shape[1] - length:]  # drop what ExtendInputs prepended
     if not self.add_pooling_layer:
       return x, None

@@ -37,7 +37,8 @@ class GPT2Config:
   initializer_range: float = 0.02
   dtype: Dtype = jnp.float32  # compute dtype of matmuls; params stay in param_dtype
   param_dtype: Dtype = jnp.float32
-  remat: str = "none"  # "none" | "full" | "dots": rematerialise each block in the backward pass
+  remat: str = "none"  # layers.REMAT_POLICIES: what the backward pass keeps of each block
+  scan_layers: bool = False  # one nn.scan over the blocks (compiles once; params [n_layer, ...])
 
   @property
   def head_dim(self) -> int:
@@ -138,19 +139,14 @@ class Block(nn.Module):
   cfg: GPT2Config
 
   @nn.compact
-  # Positional flags so that nn.remat can mark them static (argnums count self as 0).
+  # The signature layers.block_stack expects: positional flags (static under nn.remat) and a
+  # (carry, None) result (nn.scan's form).
   def __call__(self, x, segment_ids, deterministic: bool, decode: bool):
     x = x + Attention(self.cfg, name="attn")(LayerNorm(self.cfg, name="ln_1")(x), segment_ids,
                                              deterministic=deterministic, decode=decode)
     x = x + MLP(self.cfg, name="mlp")(LayerNorm(self.cfg, name="ln_2")(x),
                                       deterministic=deterministic)
-    return sharding.constrain(x, ("batch", "length", "act_embed"))
-
-
-_REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+    return sharding.constrain(x, ("batch", "length", "act_embed")), None
 
 
 class GPT2Model(nn.Module):
@@ -166,13 +162,8 @@ class GPT2Model(nn.Module):
                         param_dtype=cfg.param_dtype,
                         embedding_init=_partitioned(nn.initializers.normal(0.01),
                                                     (None, "embed")))
-    block = Block
-    if cfg.remat != "none":
-      if cfg.remat not in _REMAT_POLICIES:
-        raise ValueError(f"config.model.remat={cfg.remat!r} is unknown; use one of "
-                         f"{['none', *_REMAT_POLICIES]}")
-      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(3, 4))
-    self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+    self.h = layers.block_stack(Block, cfg, cfg.n_layer, name="h", remat=cfg.remat,
+                                scan=cfg.scan_layers)
     self.ln_f = LayerNorm(cfg)
     self.drop = nn.Dropout(cfg.embd_pdrop)
     self.extend_inputs = layers.ExtendInputs()
@@ -186,8 +177,7 @@ class GPT2Model(nn.Module):
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
     length = x.shape[1]
     x, segment_ids = self.extend_inputs(x, segment_ids, decode)
-    for block in self.h:
-      x = block(x, segment_ids, deterministic, decode)
+    x = layers.run_blocks(self.h, x, segment_ids, deterministic, decode)
     return self.ln_f(x[:, x.shape[1] - length:])  # drop what extend_inputs prepended
 
   def logits(self, hidden):

@@ -48,3 +48,55 @@ class ExtendKeys(nn.Module):
   def __call__(self, k, v, mask):
     """k, v [B, Tk, H, Dh], mask [B, Tq, Tk] -> the same with Tk grown by the prefix."""
     return k, v, mask
+
+
+# config.model.remat -> what the backward pass keeps of each block (jax.checkpoint policies).
+REMAT_POLICIES = {
+    "none": None,  # keep every activation: fastest, most memory
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only block inputs; recompute all
+    # keep the weight matmuls' outputs; recompute attention scores and elementwise ops
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.dots_saveable,  # ... and the attention matmuls too
+}
+# Variable collections a scanned stack carries per layer (stacked on a leading axis).
+_PER_LAYER = ("params", "peft", "cache")
+
+
+def block_stack(block_cls, cfg, n: int, *, name: str, remat: str, scan: bool):
+  """`n` layers of `block_cls(cfg)`, rematerialised by policy `remat` (REMAT_POLICIES).
+
+  Without `scan`: a list of modules `{name}_0` .. `{name}_{n-1}` (the layout of HF's tables).
+  With `scan`: one nn.scan module `name` whose params (and PEFT variables, KV caches) have a
+  leading "layers" axis: XLA compiles the block once instead of n times. `jaxft.hf` stacks and
+  unstacks on conversion, so checkpoints move between the two layouts through HF tensors.
+
+  A block is called as block(x, aux, deterministic, decode) -> (x, None): nn.scan's
+  (carry, per-step output) form; `aux` (segment ids, attention mask) is the same for every layer.
+  Run the result with `run_blocks`.
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={remat!r} is unknown; use one of "
+                     f"{list(REMAT_POLICIES)}")
+  cls = block_cls
+  if remat != "none":
+    # deterministic and decode (args 3 and 4, self being 0) are Python bools: static.
+    # prevent_cse is not needed inside scan, whose loop already stops XLA from merging the
+    # recomputation with the forward pass (and it costs there).
+    cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat], static_argnums=(3, 4),
+                   prevent_cse=not scan)
+  if not scan:
+    return [cls(cfg, name=f"{name}_{i}") for i in range(n)]
+  return nn.scan(cls, length=n, variable_axes={c: 0 for c in _PER_LAYER},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
+
+
+def run_blocks(blocks, x, aux, deterministic: bool, decode: bool = False):
+  """Applies a `block_stack` (either layout) to x."""
+  if isinstance(blocks, (list, tuple)):
+    for block in blocks:
+      x, _ = block(x, aux, deterministic, decode)
+    return x
+  x, _ = blocks(x, aux, deterministic, decode)
+  return x

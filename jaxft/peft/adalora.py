@@ -30,13 +30,14 @@ class AllocatorState(NamedTuple):
 
 
 def _triplet_scores(ipt, unc) -> dict[tuple, jax.Array]:
-  """{module path: [r0] scores}."""
+  """{module path: [*S, r0] scores} (S: stacked layers, none without scan_layers)."""
   s_ipt, s_unc = by_module(ipt), by_module(unc)
   scores = {}
   for path, leaves in s_ipt.items():
     s = {k: leaves[k] * s_unc[path][k] for k in leaves}
-    p_axes = tuple(range(s["lora_a"].ndim - 1))  # P [*in, r0]: mean over in
-    q_axes = tuple(range(1, s["lora_b"].ndim))  # Q [r0, *out]: mean over out
+    stacked = s["lora_e"].ndim - 1  # E [*S, r0]: S = layers stacked by scan_layers, if any
+    p_axes = tuple(range(stacked, s["lora_a"].ndim - 1))  # P [*S, *in, r0]: mean over in
+    q_axes = tuple(range(stacked + 1, s["lora_b"].ndim))  # Q [*S, r0, *out]: mean over out
     scores[path] = s["lora_e"] + s["lora_a"].mean(p_axes) + s["lora_b"].mean(q_axes)
   return scores
 
@@ -81,10 +82,10 @@ def rank_allocator(tx: optax.GradientTransformation, cfg, num_steps: int, init_r
                                                    beta2 * old + (1 - beta2) * jnp.abs(x - i),
                                                    old), state.unc, now, ipt)
     scores = _triplet_scores(ipt, unc)
-    n_modules = len(scores)
+    n_modules = sum(s.size // init_rank for s in scores.values())  # a stacked layer counts
     total = budget(step, num_steps=num_steps, t_init=t_init, t_final=t_final,
                    init_total=init_rank * n_modules, target_total=target_rank * n_modules)
-    everything = jnp.concatenate(list(scores.values()))
+    everything = jnp.concatenate([s.reshape(-1) for s in scores.values()])
     n_pruned = (init_rank * n_modules - total).astype(jnp.int32)
     threshold = jnp.where(n_pruned > 0, jnp.sort(everything)[jnp.maximum(n_pruned - 1, 0)],
                           -jnp.inf)
@@ -113,5 +114,12 @@ def rank_pattern(opt_state) -> dict[str, int] | None:
     return None
   from jaxft import distributed
 
-  keep = flat(distributed.to_host(opt_state.keep))
-  return {"/".join(k[:-1]): int(v.sum()) for k, v in keep.items()}
+  pattern = {}
+  for k, v in flat(distributed.to_host(opt_state.keep)).items():
+    path = "/".join(k[:-1])
+    if v.ndim == 1:
+      pattern[path] = int(v.sum())
+    else:  # stacked by scan_layers: one entry per layer
+      rows = v.reshape(-1, v.shape[-1])
+      pattern.update({f"{path}[{i}]": int(row.sum()) for i, row in enumerate(rows)})
+  return pattern

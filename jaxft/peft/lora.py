@@ -53,6 +53,15 @@ def _contract(x, w, n: int):
                                                    tuple(range(n))))
 
 
+def _low_rank_product(a: np.ndarray, b: np.ndarray, kernel_shape: tuple) -> np.ndarray:
+  """A [*S, *in, r] B [*S, r, *out] -> [*S, *in, *out] = kernel_shape, where S are the layer
+  axes config.model.scan_layers stacks (none without it): one product per layer."""
+  r = a.shape[-1]
+  stacked = a.ndim + b.ndim - 2 - len(kernel_shape)
+  layers = math.prod(kernel_shape[:stacked])
+  return np.matmul(a.reshape(layers, -1, r), b.reshape(layers, r, -1)).reshape(kernel_shape)
+
+
 class LoRA(Method):
   name = "lora"
   default_targets = r"attn/(query|value)$"  # W_q and W_v, as in the LoRA paper
@@ -95,17 +104,17 @@ class LoRA(Method):
                       (None, *out_names))
     return _contract(_contract(x, a, n), b, 1) * self.scale
 
-  def kernel_delta(self, leaves: dict) -> np.ndarray:
+  def kernel_delta(self, leaves: dict, kernel_shape: tuple) -> np.ndarray:
     """The merged update (alpha / r) A B, shaped like the kernel."""
     a, b = np.asarray(leaves["lora_a"], np.float32), np.asarray(leaves["lora_b"], np.float32)
-    return np.tensordot(a, b, axes=1) * self.scale
+    return _low_rank_product(a, b, kernel_shape) * self.scale
 
   def merge(self, variables) -> dict:
     params = {k: np.asarray(v) for k, v in flat(jax.device_get(variables["params"])).items()}
     for path, leaves in by_module(jax.device_get(variables.get(COLLECTION, {}))).items():
       kernel = params[(*path, "kernel")]
       params[(*path, "kernel")] = (kernel.astype(np.float32)
-                                   + self.kernel_delta(leaves)).astype(kernel.dtype)
+                                   + self.kernel_delta(leaves, kernel.shape)).astype(kernel.dtype)
     return {"params": traverse_util.unflatten_dict(params)}
 
   def describe(self) -> str:
@@ -140,25 +149,29 @@ class AdaLoRA(LoRA):
     q = peft_variable(module, "lora_b", normal, (r0, *out_shape), (None, *out_names))
     return _contract(_contract(x, p, n) * e.astype(x.dtype), q, 1) * self.scale
 
-  def kernel_delta(self, leaves: dict) -> np.ndarray:
-    p = np.asarray(leaves["lora_a"], np.float32)
-    e = np.asarray(leaves["lora_e"], np.float32)
-    return np.tensordot(p * e, np.asarray(leaves["lora_b"], np.float32), axes=1) * self.scale
+  def kernel_delta(self, leaves: dict, kernel_shape: tuple) -> np.ndarray:
+    p = np.asarray(leaves["lora_a"], np.float32)  # [*S, *in, r0]
+    e = np.asarray(leaves["lora_e"], np.float32)  # [*S, r0]
+    e = e.reshape(*e.shape[:-1], *[1] * (p.ndim - e.ndim), e.shape[-1])
+    return _low_rank_product(p * e, np.asarray(leaves["lora_b"], np.float32),
+                             kernel_shape) * self.scale
 
   def regularizer(self, variables):
-    """Mean over modules of ||P^T P - I||_F and ||Q Q^T - I||_F, times config.peft.orth_reg."""
+    """Mean over modules (and stacked layers) of ||P^T P - I||_F and ||Q Q^T - I||_F, times
+    config.peft.orth_reg."""
     weight = float(self.cfg.orth_reg)
     norms = []
-    for key, value in flat(variables.get(COLLECTION, {})).items():
-      if key[-1] not in ("lora_a", "lora_b"):
-        continue
-      m = value.reshape(-1, value.shape[-1]) if key[-1] == "lora_a" else value.reshape(
-          value.shape[0], -1).T  # both [features, r0]
-      gram = m.astype(jnp.float32).T @ m.astype(jnp.float32)
-      norms.append(jnp.linalg.norm(gram - jnp.eye(gram.shape[0]), "fro"))
+    for leaves in by_module(variables.get(COLLECTION, {})).values():
+      e = leaves["lora_e"]  # [*S, r0]: S = layers stacked by scan_layers
+      layers, r0 = math.prod(e.shape[:-1]), e.shape[-1]
+      p = leaves["lora_a"].reshape(layers, -1, r0)  # [S, in, r0]
+      q = jnp.swapaxes(leaves["lora_b"].reshape(layers, r0, -1), 1, 2)  # [S, out, r0]
+      for m in (p.astype(jnp.float32), q.astype(jnp.float32)):
+        gram = jnp.einsum("sfr,sfk->srk", m, m)
+        norms.append(jnp.linalg.norm(gram - jnp.eye(r0), "fro", axis=(1, 2)))
     if not norms or weight == 0:
       return 0.0
-    return weight * sum(norms) / len(norms)
+    return weight * jnp.concatenate(norms).mean()
 
   def wrap_optimizer(self, tx, num_steps: int):
     from jaxft.peft import adalora
