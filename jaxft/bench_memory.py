@@ -48,7 +48,7 @@ def measure(train_args: list[str], remat: str, scan: bool) -> dict:
     err.seek(0)
     if proc.returncode:  # e.g. XLA's compile-time out-of-memory for that device: a result
       lines = err.read().strip().splitlines() or [f"exit code {proc.returncode}"]
-      errors = [x for x in lines if "Error" in x or "error" in x] or lines
+      errors = [x for x in lines if "Error: " in x] or lines  # the exception's own line
       report = {"error": errors[-1].strip()[:300]}
     else:
       report = json.loads(out.read().strip().splitlines()[-1])

@@ -195,6 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   latest = ckpt.latest_step()
   # A resumed run keeps the label order it was trained with (labels.json).
   labels = checkpoint.load_labels(workdir) if latest is not None else None
+  if latest is not None:
+    _check_same_model(workdir, config)
   # Data first: a missing corpus or a bad label should fail before any compilation. One
   # process builds the dataset (a shared TFDS directory), then the others read it.
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -361,6 +363,29 @@ def parameter_counts(state, frozen) -> dict:
   return {"params/total": total, "params/trainable": trainable,
           "params/trainable_percent": 100.0 * trainable / max(total, 1),
           "optimizer/state_bytes": peft.nbytes(state.opt_state)}
+
+
+# config.model fields that change how a step computes, not the checkpoint's arrays.
+_COMPUTE_ONLY = ("dtype", "remat")
+
+
+def _check_same_model(workdir: str, config) -> None:
+  """A resumed run must build the model its checkpoints hold: a changed layer count, width or
+  scan_layers (stacked vs per-layer params) would otherwise fail deep inside Orbax."""
+  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  saved = json.loads(checkpoint.load_config(workdir).model.to_json_best_effort())
+  now = json.loads(config.model.to_json_best_effort())
+  changed = {k: (saved[k], now.get(k)) for k in saved
+             if k not in _COMPUTE_ONLY and k in now and saved[k] != now[k]}
+  if changed:
+    fields = ", ".join(f"config.model.{k}={new!r} (the checkpoints' {old!r})"
+                       for k, (old, new) in sorted(changed.items()))
+    raise ValueError(f"--workdir={workdir} holds checkpoints of another model: {fields}. Resume "
+                     "with the model settings it was trained with, or train into a new workdir "
+                     f"with --config.init_from={workdir}, which converts its weights (e.g. "
+                     "between scan_layers settings)")
 
 
 def _check_base(meta: dict, frozen, config) -> None:

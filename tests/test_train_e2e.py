@@ -149,3 +149,36 @@ def test_batch_that_does_not_divide_over_the_mesh(tmp_path):
   with pytest.raises(ValueError, match=r"config.batch_size=12"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
+
+
+def test_resuming_with_another_model_layout_is_refused_and_init_from_converts(tmp_path):
+  """A workdir trained with scan_layers (stacked params) cannot resume as the per-layer model:
+  a clear error, nothing lost; --config.init_from=<workdir> converts its weights instead."""
+  import jax
+
+  from jaxft import hf, init_from, sharding, tasks
+  from jaxft import state as state_lib
+
+  config = train_config(tmp_path, num_steps=2, eval_every=100, checkpoint_every=2)
+  config.model.scan_layers = True
+  scanned = str(tmp_path / "scanned")
+  train.train_and_evaluate(config, scanned)
+  config.model.scan_layers = False
+  config.num_steps = 4
+  with pytest.raises(ValueError, match=r"config\.model\.scan_layers=False \(the checkpoints' "
+                                       r"True\).*--config\.init_from="):
+    train.train_and_evaluate(config, scanned)
+  assert checkpoint.Checkpointer(scanned, 3).latest_step() == 2
+
+  _, _, trained = checkpoint.load_params(scanned)
+  assert trained["params"]["transformer"]["h"]["attn"]["query"]["kernel"].ndim == 4
+  config.init_from = scanned
+  config = init_from.resolve(config)
+  task = tasks.make_task(config)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  lay = state_lib.layout(task, config.seq_len, mesh, config.axis_rules)
+  start = init_from.initial_variables(task, config, lay)["params"]
+  assert "h_1" in start["transformer"]
+  expected = hf.to_hf_tensors(trained["params"])
+  for name, tensor in hf.to_hf_tensors(start).items():
+    np.testing.assert_array_equal(tensor, expected[name], err_msg=name)
