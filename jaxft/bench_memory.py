@@ -1,18 +1,23 @@
-"""Compile time and memory of the train step per remat policy, with and without nn.scan.
+"""Compile time and per-device memory of the train step: per remat policy with and without
+nn.scan over layers, or per mesh factorisation.
 
     python -m jaxft.bench_memory [--policies none,full,dots,dots_all] [--scan false,true] \
         -- --config configs/gpt2.py:124m --config.batch_size=8 [--config.FIELD=V ...]
+    python -m jaxft.bench_memory --meshes 8 -- --config configs/gpt2.py:124m --config.batch_size=8
 
 Each combination is one `python -m jaxft.train ... --compile_only` in its own process (the
 train step lowered and compiled exactly as training would, nothing run): lowering and
-compilation seconds, XLA's per-device memory analysis (temporaries = what the backward pass
-keeps plus scratch; peak = arguments + outputs - donated + temporaries + code) and the
-process's peak host memory. Combinations run one after another on the same machine, so the
-ratios between them are the figures to quote. A combination that fails to compile (e.g. XLA's
-out-of-memory for the device, or with --topology for a TPU slice) is reported with its error.
+compilation seconds, the train state (params + optimizer state) per device, XLA's per-device
+memory analysis (temporaries = what the backward pass keeps plus scratch; peak = arguments +
+outputs - donated + temporaries + code) and the process's peak host memory. `--meshes N`
+compares every data x fsdp x tensor factorisation of N devices instead (N fake devices when
+the platform is CPU). Combinations run one after another on the same machine, so the ratios
+between them are the figures to quote. A combination that fails to compile (e.g. XLA's
+out-of-memory for the device, or for a TPU slice with --topology) is reported with its error.
 The last line printed is one JSON list.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -24,23 +29,37 @@ from absl import app, flags
 
 _POLICIES = None
 _SCAN = None
+_MESHES = None
 
 
 def _define_flags():
-  global _POLICIES, _SCAN
+  global _POLICIES, _SCAN, _MESHES
   _POLICIES = flags.DEFINE_list("policies", ["none", "full", "dots", "dots_all"],
                                 "config.model.remat values to compare")
   _SCAN = flags.DEFINE_list("scan", ["false", "true"], "config.model.scan_layers values")
+  _MESHES = flags.DEFINE_integer("meshes", 0, "instead: every data x fsdp x tensor "
+                                 "factorisation of this many devices")
 
 
-def measure(train_args: list[str], remat: str, scan: bool) -> dict:
-  """One --compile_only run in a child process: its JSON report, plus the child's peak
-  resident memory (from wait4's rusage: this child's alone)."""
-  cmd = [sys.executable, "-m", "jaxft.train", *train_args, "--compile_only",
-         f"--config.model.remat={remat}", f"--config.model.scan_layers={scan}"]
+def remat_and_scan(policies: list[str], scans: list[str]) -> list[dict]:
+  return [{"remat": remat, "scan_layers": scan.lower() in ("true", "1", "yes")}
+          for scan in scans for remat in policies]
+
+
+def factorisations(n: int) -> list[dict]:
+  return [{"mesh.data": d, "mesh.fsdp": f, "mesh.tensor": n // (d * f)}
+          for d, f in itertools.product(range(1, n + 1), repeat=2) if n % (d * f) == 0]
+
+
+def measure(train_args: list[str], settings: dict, env: dict | None = None) -> dict:
+  """One --compile_only run in a child process with `settings` ({"remat": "full"} ->
+  --config.model.remat=full; dotted keys are config paths): its JSON report, plus the child's
+  peak resident memory (wait4's rusage: this child's alone)."""
+  overrides = [f"--config.{k if '.' in k else 'model.' + k}={v}" for k, v in settings.items()]
+  cmd = [sys.executable, "-m", "jaxft.train", *train_args, "--compile_only", *overrides]
   with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall_s = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -53,27 +72,31 @@ def measure(train_args: list[str], remat: str, scan: bool) -> dict:
     else:
       report = json.loads(out.read().strip().splitlines()[-1])
   # Linux reports ru_maxrss in KiB.
-  report.update(remat=remat, scan_layers=scan, wall_s=wall_s,
-                host_peak_rss=usage.ru_maxrss * 1024)
-  return report
+  return {**settings, **report, "wall_s": wall_s, "host_peak_rss": usage.ru_maxrss * 1024}
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], keys: list[str]) -> str:
+  """Rows as text; ratios against the first row that compiled."""
   gib = 2.0 ** 30
-  base = next((r for r in rows if "error" not in r), {"lower_s": 1, "compile_s": 0, "temp": 1})
-  lines = [f"{'remat':<9} {'scan':<5} {'compile s':>9} {'x base':>7} {'temp GiB':>9} "
-           f"{'x base':>7} {'peak GiB':>9} {'host RSS GiB':>12}"]
+  rows = [r if "error" in r else {**r, "total_s": r["lower_s"] + r["compile_s"]} for r in rows]
+  base = next((r for r in rows if "error" not in r), {})
+
+  def ratio(r, field):
+    return r[field] / base[field] if base.get(field) else float("nan")
+
+  label = lambda r: " ".join(f"{str(r[k]).lower():<9}" for k in keys)  # noqa: E731
+  lines = [" ".join(f"{k.split('.')[-1]:<9}" for k in keys)
+           + f" {'compile s':>9} {'x base':>6} {'state GiB':>9} {'x base':>6} {'temp GiB':>9}"
+           f" {'x base':>6} {'peak GiB':>9} {'host RSS GiB':>12}"]
   for r in rows:
     if "error" in r:
-      lines.append(f"{r['remat']:<9} {str(r['scan_layers']).lower():<5} failed: {r['error']}")
+      lines.append(f"{label(r)} failed: {r['error']}")
       continue
-    compile_s = r["lower_s"] + r["compile_s"]
-    base_s = base["lower_s"] + base["compile_s"]
     lines.append(
-        f"{r['remat']:<9} {str(r['scan_layers']).lower():<5} {compile_s:>9.1f} "
-        f"{compile_s / base_s:>7.2f} {r.get('temp', 0) / gib:>9.3f} "
-        f"{r.get('temp', 0) / max(base.get('temp', 1), 1):>7.2f} "
-        f"{r.get('peak_estimate', 0) / gib:>9.3f} {r.get('host_peak_rss', 0) / gib:>12.2f}")
+        f"{label(r)} {r['total_s']:>9.1f} {ratio(r, 'total_s'):>6.2f} "
+        f"{r['train_state'] / gib:>9.3f} {ratio(r, 'train_state'):>6.2f} "
+        f"{r.get('temp', 0) / gib:>9.3f} {ratio(r, 'temp'):>6.2f} "
+        f"{r.get('peak_estimate', 0) / gib:>9.3f} {r['host_peak_rss'] / gib:>12.2f}")
   return "\n".join(lines)
 
 
@@ -82,12 +105,20 @@ def main(argv):
   if not any(a.startswith("--config") for a in train_args):
     raise app.UsageError("give the training arguments after --, e.g. -- --config "
                          "configs/gpt2.py:124m --config.batch_size=8")
+  env = None
+  if _MESHES.value:
+    combos = factorisations(_MESHES.value)
+    # On CPU the children get that many fake devices (only the CPU platform reads the flag).
+    flag = f"--xla_force_host_platform_device_count={_MESHES.value}"
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()}
+  else:
+    combos = remat_and_scan(_POLICIES.value, _SCAN.value)
+  keys = list(combos[0])
   rows = []
-  for scan in _SCAN.value:
-    for remat in _POLICIES.value:
-      rows.append(measure(train_args, remat, scan.lower() in ("true", "1", "yes")))
-      print(table([rows[0], rows[-1]]).splitlines()[-1], flush=True)
-  print(table(rows))
+  for settings in combos:
+    rows.append(measure(train_args, settings, env))
+    print(table(rows, keys).splitlines()[-1], flush=True)
+  print(table(rows, keys))
   print(json.dumps(rows))
 
 

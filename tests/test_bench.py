@@ -48,3 +48,19 @@ def test_bench_memory_compares_remat_policies_under_scan():
   assert full["temp"] < 0.5 * none["temp"]
   assert all(r["compile_s"] > 0 and r["host_peak_rss"] > 0 for r in rows)
   assert "remat" in out.stdout and "x base" in out.stdout  # the table
+
+
+def test_bench_memory_meshes_shrink_the_per_device_state():
+  """--meshes 2: data=2 replicates the train state on both devices, fsdp=2 halves it."""
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxft.bench_memory", "--meshes", "2", "--", "--config",
+       "configs/gpt2.py:tiny", "--config.batch_size=4"],
+      cwd=ROOT, capture_output=True, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = {(r["mesh.data"], r["mesh.fsdp"], r["mesh.tensor"]): r
+          for r in json.loads(out.stdout.strip().splitlines()[-1])}
+  assert sorted(rows) == [(1, 1, 2), (1, 2, 1), (2, 1, 1)]
+  data, fsdp = rows[(2, 1, 1)]["train_state"], rows[(1, 2, 1)]["train_state"]
+  assert fsdp == pytest.approx(data / 2, rel=0.01)  # everything but the scalars is split
+  assert rows[(1, 1, 2)]["train_state"] < data
