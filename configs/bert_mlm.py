@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.layer_norm_eps = 1e-12
   c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
   c.model.remat = "none"  # "none" | "full" | "dots" | "dots_all": see configs/gpt2.py
-  c.model.scan_layers = False  # one nn.scan over the layers (compiled once; same numbers)
+  c.model.scan_layers = False  # one nn.scan over the layers (compiled once): configs/gpt2.py
 
   c.data = ml_collections.ConfigDict()
   c.data.files = ""  # glob(s) of .txt / .jsonl training files; "" = embedded Shakespeare

@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
   # Activation memory vs recompute (jaxft/models/layers.py REMAT_POLICIES): "none" | "full" |
   # "dots" (keep weight matmuls) | "dots_all" (and attention matmuls). scan_layers: one
-  # nn.scan over the blocks, compiled once (faster compiles for deep models, same numbers).
+  # nn.scan over the blocks, compiled once (faster compiles for deep models); the same function
+  # of the same weights, but a seed's random init and dropout masks differ from the loop's.
   c.model.remat = "none"
   c.model.scan_layers = False
 

@@ -117,8 +117,9 @@ def topology_name(name: str) -> str:
   return f"{gen}:{grid}"
 
 
-def topology_devices(name: str) -> list:
-  """The devices of a TPU slice described (not attached): a mesh over them compiles for it."""
+def topology_devices(name: str, num_slices: int = 1) -> list:
+  """The devices of `num_slices` TPU slices of this topology, described (not attached): a
+  mesh over them compiles for it (multi-slice: config.mesh.dcn_*)."""
   import importlib.util
 
   if importlib.util.find_spec("libtpu") is None:
@@ -127,5 +128,5 @@ def topology_devices(name: str) -> list:
   from jax.experimental import topologies
 
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no slice to discover here
-  return list(topologies.get_topology_desc(platform="tpu",
-                                           topology_name=topology_name(name)).devices)
+  return list(topologies.get_topology_desc(platform="tpu", topology_name=topology_name(name),
+                                           num_slices=num_slices).devices)

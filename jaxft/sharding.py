@@ -18,7 +18,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 DCN_FIELDS = tuple(f"dcn_{a}" for a in MESH_AXES)
 
 
-def _dcn_shape(mesh_cfg) -> tuple[int, ...]:
+def dcn_shape(mesh_cfg) -> tuple[int, ...]:
   """config.mesh.dcn_* (1 where a config predates them), checked: positive integers."""
   shape = []
   for field in DCN_FIELDS:
@@ -61,7 +61,7 @@ def resolve_hybrid_shape(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], t
   """(ici, dcn) sizes per mesh axis: the layout inside one slice and across slices.
 
   The total size of axis X is ici[X] * dcn[X]; a slice holds num_devices / prod(dcn) devices."""
-  dcn = _dcn_shape(mesh_cfg)
+  dcn = dcn_shape(mesh_cfg)
   slices = math.prod(dcn)
   if num_devices % slices:
     raise ValueError(f"config.mesh.dcn_*={dict(zip(DCN_FIELDS, dcn))} span {slices} slices, "
@@ -77,18 +77,34 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   return tuple(i * d for i, d in zip(ici, dcn))
 
 
-def _slices(devices: Sequence[jax.Device]) -> tuple[str, dict]:
-  """How the devices group into slices: by `slice_index` on TPU (and wherever it tells slices
-  apart); otherwise each process stands for a slice, as jax's create_hybrid_device_mesh(
-  process_is_granule=True) has it. Multi-process CPU devices carry a slice_index that is 0 for
-  all of them, so its mere presence does not decide."""
+def _slices(devices: Sequence[jax.Device], n_slices: int) -> tuple[str, list[list]]:
+  """The devices grouped into slices: by `slice_index` on TPU (and wherever it tells slices
+  apart); otherwise by process, consecutive processes merged when there are more processes than
+  slices (one process per GPU: SLURM numbers them node by node, so a slice is a node).
+  Multi-process CPU devices carry a slice_index that is 0 for all of them, so its mere presence
+  does not decide."""
   by_slice = hasattr(devices[0], "slice_index") and (
       devices[0].platform == "tpu" or len({d.slice_index for d in devices}) > 1)
   attr = "slice_index" if by_slice else "process_index"
   groups: dict = {}
   for d in devices:
     groups.setdefault(getattr(d, attr), []).append(d)
-  return attr, groups
+  ordered = [groups[k] for k in sorted(groups)]
+  if attr == "process_index" and len(ordered) > n_slices and len(ordered) % n_slices == 0:
+    per = len(ordered) // n_slices
+    ordered = [sum(ordered[i:i + per], []) for i in range(0, len(ordered), per)]
+  return attr, ordered
+
+
+def _hybrid_array(ici: Sequence[int], dcn: Sequence[int], slices: list[list]) -> np.ndarray:
+  """Each slice laid out as an ici-shaped block (mesh_utils' own in-slice layout), the blocks
+  tiled in the dcn shape: what create_hybrid_device_mesh builds, for any grouping."""
+  blocks = [mesh_utils.create_device_mesh(tuple(ici), devices=s, allow_split_physical_axes=True)
+            for s in slices]
+  grid = np.empty(tuple(dcn), dtype=object)
+  for index, block in zip(np.ndindex(*dcn), blocks):
+    grid[index] = block
+  return np.block(grid.tolist())
 
 
 def hybrid_devices(ici: Sequence[int], dcn: Sequence[int],
@@ -96,27 +112,30 @@ def hybrid_devices(ici: Sequence[int], dcn: Sequence[int],
   """The [data, fsdp, tensor] array of devices for a multi-slice mesh (prod(dcn) > 1): every
   slice fills one contiguous ici-shaped block, so only the dcn part of an axis crosses the
   data-center network. None for a single slice (jax.make_mesh lays that out)."""
-  slices = math.prod(dcn)
-  attr, groups = _slices(devices)
-  if slices == 1:
-    if attr == "slice_index" and len(groups) > 1:
+  n_slices = math.prod(dcn)
+  attr, slices = _slices(devices, n_slices)
+  if n_slices == 1:
+    if attr == "slice_index" and len(slices) > 1:
       log.warning("the %d devices span %d TPU slices but config.mesh.dcn_* are all 1: set "
                   "config.mesh.dcn_data=%d (data parallelism across slices) so that only the "
-                  "data axis crosses the data-center network", len(devices), len(groups),
-                  len(groups))
+                  "data axis crosses the data-center network", len(devices), len(slices),
+                  len(slices))
     return None
-  unit = "slices" if attr == "slice_index" else "processes (each one a slice on CPU/GPU)"
-  if len(groups) != slices:
-    raise ValueError(f"config.mesh.dcn_*={dict(zip(DCN_FIELDS, dcn))} span {slices} slices but "
-                     f"the {len(devices)} devices belong to {len(groups)} {unit}; make "
-                     f"dcn_data * dcn_fsdp * dcn_tensor equal {len(groups)} (all 1 for a single "
+  unit = ("slices" if attr == "slice_index" else
+          "slices of processes (on CPU/GPU a slice is a process, or as many consecutive "
+          "processes as divide them evenly)")
+  if len(slices) != n_slices:
+    raise ValueError(f"config.mesh.dcn_*={dict(zip(DCN_FIELDS, dcn))} span {n_slices} slices "
+                     f"but the {len(devices)} devices form {len(slices)} {unit}; make "
+                     f"dcn_data * dcn_fsdp * dcn_tensor equal {len(slices)} (all 1 for a single "
                      "slice)")
-  sizes = {k: len(v) for k, v in sorted(groups.items())}
-  if any(n != len(devices) // slices for n in sizes.values()):
+  sizes = [len(s) for s in slices]
+  if len(set(sizes)) > 1:
     raise ValueError(f"config.mesh.dcn_*: a multi-slice mesh needs equal slices, but the {unit} "
                      f"hold {sizes} devices; run the same number of devices in each")
-  return mesh_utils.create_hybrid_device_mesh(
-      tuple(ici), tuple(dcn), devices, process_is_granule=attr == "process_index")
+  if attr == "slice_index":  # TPU: jax knows each slice's physical topology
+    return mesh_utils.create_hybrid_device_mesh(tuple(ici), tuple(dcn), devices)
+  return _hybrid_array(ici, dcn, slices)
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:

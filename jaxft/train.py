@@ -7,6 +7,7 @@ the data iterator and the per-step random keys continue exactly where they stopp
 `train_and_evaluate(config, workdir)` is the importable core (Colab, tests).
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -161,7 +162,11 @@ def compile_only(config: ml_collections.ConfigDict, topology: str = "") -> dict:
   on a TPU `topology` ("v5e-16", "v4-32", "v5e:4x4"; needs libtpu), without initialising a
   parameter or running a step; prints and returns the per-device memory analysis."""
   config = init_from.resolve(config)
-  mesh = sharding.make_mesh(config.mesh, aot.topology_devices(topology) if topology else None)
+  devices = None
+  if topology:  # one slice per config.mesh.dcn_* product: multi-slice compiles too
+    slices = math.prod(sharding.dcn_shape(config.mesh))
+    devices = aot.topology_devices(topology, slices)
+  mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch_divisible(config.batch_size, config.grad_accum_steps, mesh,
                                  config.axis_rules)
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -365,20 +370,31 @@ def parameter_counts(state, frozen) -> dict:
           "optimizer/state_bytes": peft.nbytes(state.opt_state)}
 
 
-# config.model fields that change how a step computes, not the checkpoint's arrays.
-_COMPUTE_ONLY = ("dtype", "remat")
+# config.model fields that change how a step computes, not the arrays a checkpoint holds.
+_COMPUTE_ONLY = ("dtype", "param_dtype", "remat", "embd_pdrop", "attn_pdrop", "resid_pdrop",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout")
+
+
+def _model_shape_fields(model_cfg) -> dict:
+  """The model settings that decide the checkpoint's arrays (defaults filled in, so a config
+  saved before a field existed compares as that field's default)."""
+  from jaxft.models import registry
+
+  family = model_cfg.get("family", "gpt2")
+  cfg = registry.gpt2_config(model_cfg) if family == "gpt2" else registry.bert_config(model_cfg)
+  return {"family": family, **{k: v for k, v in dataclasses.asdict(cfg).items()
+                               if k not in _COMPUTE_ONLY}}
 
 
 def _check_same_model(workdir: str, config) -> None:
   """A resumed run must build the model its checkpoints hold: a changed layer count, width or
   scan_layers (stacked vs per-layer params) would otherwise fail deep inside Orbax."""
-  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
-  if not os.path.exists(path):
+  if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
     return
-  saved = json.loads(checkpoint.load_config(workdir).model.to_json_best_effort())
-  now = json.loads(config.model.to_json_best_effort())
-  changed = {k: (saved[k], now.get(k)) for k in saved
-             if k not in _COMPUTE_ONLY and k in now and saved[k] != now[k]}
+  saved = _model_shape_fields(checkpoint.load_config(workdir).model)
+  now = _model_shape_fields(config.model)
+  changed = {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
+             if saved.get(k) != now.get(k)}
   if changed:
     fields = ", ".join(f"config.model.{k}={new!r} (the checkpoints' {old!r})"
                        for k, (old, new) in sorted(changed.items()))

@@ -53,3 +53,16 @@ def test_compiles_for_a_tpu_slice_from_this_host(tmp_path):
   config.mesh.update(data=2, fsdp=2, tensor=2)
   r = train.compile_only(config, topology="v5e-8")
   assert r["temp"] > 0 and "device_bytes_limit" not in r
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="compiling for a TPU slice needs `pip install libtpu` (not in CI)")
+def test_compiles_for_two_tpu_slices_from_this_host(tmp_path):
+  """dcn_data=2 with --topology: the step compiles for 2 slices of the named topology, each
+  slice one half of the data axis; the per-device state is that of fsdp=4 in a slice."""
+  config = train_config(tmp_path, num_steps=10)
+  config.mesh.update(data=1, fsdp=-1, dcn_data=2)
+  two = train.compile_only(config, topology="v5e-4")
+  config.mesh.update(dcn_data=1)
+  one = train.compile_only(config, topology="v5e-4")
+  assert two["train_state"] == one["train_state"] and two["temp"] > 0

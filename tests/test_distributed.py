@@ -150,7 +150,8 @@ def test_each_slice_is_its_own_block_of_the_mesh(capfd):
     assert fsdp["shape"] == {"data": 2, "fsdp": 4, "tensor": 1}
     assert sorted({i[1] for i in fsdp["indices"]}) == [2 * proc, 2 * proc + 1]
     assert sorted({i[0] for i in fsdp["indices"]}) == [0, 1]
-  assert "span 4 slices but the 8 devices belong to 2 processes" in by[(specs[2], None)]["error"]
+  error = by[(specs[2], None)]["error"]
+  assert "span 4 slices but the 8 devices form 2 slices of processes" in error
 
 
 def test_a_dead_process_stops_the_others(runs, tmp_path):

@@ -83,6 +83,16 @@ def test_each_process_is_a_data_block_when_processes_are_the_slices():
   assert sorted(d.id for d in array.flat) == sorted(d.id for d in devices)
 
 
+def test_consecutive_processes_form_a_slice_when_there_are_more_processes_than_slices():
+  """One process per GPU, 2 nodes x 2 GPUs (SLURM ranks node by node): dcn_data=2 makes
+  each node, processes 0-1 and 2-3, one slice and one half of the data axis."""
+  devices = fake_devices(4, 1)
+  array = sharding.hybrid_devices((1, 2, 1), (2, 1, 1), devices)
+  procs = np.vectorize(lambda d: d.process_index)(array)
+  assert array.shape == (2, 2, 1)
+  assert sorted(procs[0].flat) == [0, 1] and sorted(procs[1].flat) == [2, 3]
+
+
 def test_slices_group_by_slice_index_not_by_process():
   """4 hosts in 2 TPU-style slices, dcn across fsdp: each slice fills its own fsdp half."""
   devices = fake_devices(4, 2, slices=2)
@@ -108,12 +118,15 @@ def test_devices_that_span_slices_with_dcn_all_one_warn(caplog):
 
 
 @pytest.mark.parametrize("devices,dcn,message", [
-    (fake_devices(1, 8), (2, 1, 1), r"span 2 slices but the 8 devices belong to 1 processes "
-     r"\(each one a slice on CPU/GPU\); make dcn_data \* dcn_fsdp \* dcn_tensor equal 1"),
-    (fake_devices(4, 2, slices=2), (4, 1, 1), r"span 4 slices but the 8 devices belong to 2 "
+    (fake_devices(1, 8), (2, 1, 1), r"span 2 slices but the 8 devices form 1 slices of "
+     r"processes \(on CPU/GPU a slice is a process.*\); make dcn_data \* dcn_fsdp \* "
+     r"dcn_tensor equal 1"),
+    (fake_devices(3, 2), (2, 1, 1), r"span 2 slices but the 6 devices form 3 slices of "
+     r"processes"),
+    (fake_devices(4, 2, slices=2), (4, 1, 1), r"span 4 slices but the 8 devices form 2 "
      r"slices; make dcn_data \* dcn_fsdp \* dcn_tensor equal 2"),
     (fake_devices(1, 6) + fake_devices(2, 2)[2:], (2, 1, 1), r"needs equal slices, but the "
-     r"processes .* hold \{0: 6, 1: 2\} devices"),
+     r"slices of processes .* hold \[6, 2\] devices"),
 ])
 def test_slice_count_must_match_the_devices(devices, dcn, message):
   with pytest.raises(ValueError, match=message):
@@ -126,5 +139,5 @@ def test_make_mesh_logs_ici_times_dcn_and_checks_the_real_devices(caplog):
   assert "mesh data=4 (ici 4 x dcn 1), fsdp=2 (ici 2 x dcn 1), tensor=1 (ici 1 x dcn 1) over " \
          "1 slice(s) of 8 devices" in caplog.text
   # One process of 8 CPU devices is one slice: two slices cannot be laid out on it.
-  with pytest.raises(ValueError, match=r"span 2 slices but the 8 devices belong to 1 processes"):
+  with pytest.raises(ValueError, match=r"span 2 slices but the 8 devices form 1 slices of "):
     sharding.make_mesh(mesh_config(fsdp=2, dcn_data=2))

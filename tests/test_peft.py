@@ -4,6 +4,7 @@ adapter-only files, resume, and the errors a user can cause."""
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -226,6 +227,16 @@ def test_errors_name_the_field():
   task = bert_task("adapter")
   with pytest.raises(ValueError, match=r"'adapter' .* cannot be merged .* --adapter_only"):
     task.peft.merge(init_variables(task))
+  task = bert_task("lora", trainable="layer_9/")  # a 2-layer model
+  with pytest.raises(ValueError, match=r"config\.peft\.trainable='layer_9/' matches no "
+                                       r"parameter.*bert/"):
+    task.peft.trainable_mask(init_variables(task), task.trainable_head)
+  for field, pattern in (("targets", "layer_1/attn/query$"), ("trainable", "bert/layer_1/")):
+    with pytest.raises(ValueError, match=rf"config\.peft\.{field}='{re.escape(pattern)}' names "
+                                         r"a single "
+                                         r"layer, but with config\.model\.scan_layers=True"):
+      bert_task("lora", scan_layers=True, **{field: pattern})
+  bert_task("lora", scan_layers=False, targets="layer_1/attn/query$")  # fine without scan
 
 
 # -- whole runs --------------------------------------------------------------------------------

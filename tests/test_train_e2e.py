@@ -169,6 +169,20 @@ def test_resuming_with_another_model_layout_is_refused_and_init_from_converts(tm
                                        r"True\).*--config\.init_from="):
     train.train_and_evaluate(config, scanned)
   assert checkpoint.Checkpointer(scanned, 3).latest_step() == 2
+  # A config.json written before scan_layers existed reads as scan_layers=False: refused too.
+  path = os.path.join(scanned, "config.json")
+  original = open(path).read()
+  old_format = json.loads(original)
+  del old_format["model"]["scan_layers"]
+  with open(path, "w") as f:
+    json.dump(old_format, f)
+  config.model.scan_layers = True
+  with pytest.raises(ValueError, match=r"config\.model\.scan_layers=True \(the checkpoints' "
+                                       r"False\)"):
+    train.train_and_evaluate(config, scanned)
+  with open(path, "w") as f:
+    f.write(original)
+  config.model.scan_layers = False
 
   _, _, trained = checkpoint.load_params(scanned)
   assert trained["params"]["transformer"]["h"]["attn"]["query"]["kernel"].ndim == 4

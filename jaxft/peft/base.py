@@ -129,12 +129,31 @@ class Method:
       return jax.tree.map(lambda _: True, dict(variables))
     extra = self.cfg.get("trainable", "")
     patterns = [re.compile(p) for p in (head, extra) if p]
+    params = [path_str(k[1:]) for k in flat(variables) if k[0] != COLLECTION]
+    if extra and not any(re.search(extra, p) for p in params):
+      raise ValueError(f"config.peft.trainable={extra!r} matches no parameter of the model; "
+                       f"its parameter paths look like {', '.join(params[:6])}, ...")
 
     def trainable(path):
       collection, rest = path[0], path_str(path[1:])
       return collection == COLLECTION or any(p.search(rest) for p in patterns)
 
     return traverse_util.unflatten_dict({k: trainable(k) for k in flat(variables)})
+
+  def check_layout(self, scan_layers: bool) -> None:
+    """Under config.model.scan_layers every layer is one module with stacked params: a pattern
+    naming one layer (h_3, layer_11) can select nothing on its own."""
+    if not scan_layers or self.name == "none":
+      return
+    for field in ("targets", "trainable"):
+      pattern = self.cfg.get(field, "")
+      if pattern and re.search(r"(^|[^a-z])(h|layer)_\d", pattern):
+        raise ValueError(
+            f"config.peft.{field}={pattern!r} names a single layer, but with "
+            "config.model.scan_layers=True the layers are one module ('h' / 'layer', params "
+            "stacked on a leading axis) and one layer cannot be chosen on its own; set "
+            "config.model.scan_layers=False, or name the module for every layer (e.g. "
+            "'attn/query$')")
 
   def check_initialized(self, variables: Mapping) -> None:
     if self.name != "none" and not flat(variables.get(COLLECTION, {})):

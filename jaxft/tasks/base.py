@@ -41,6 +41,7 @@ class Task:
     self.model, self.model_cfg = build_model(config.model, self.head, num_labels)
     self.architecture = hf_architecture(config.model.get("family", "gpt2"), self.head)
     self.peft = peft.make(config.get("peft"))
+    self.peft.check_layout(bool(config.model.get("scan_layers", False)))
 
   def num_train_examples(self) -> int | None:
     """Rows of one training epoch (None: a stream without epochs, e.g. packed LM text)."""
