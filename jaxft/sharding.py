@@ -220,6 +220,30 @@ def check_batch_divisible(batch_size: int, grad_accum_steps: int, mesh: Mesh, ax
         f"{grad_accum_steps}) is not divisible by the data-parallel mesh size {dp} "
         f"(mesh {dict(mesh.shape)}); use a batch size that is a multiple of {dp * grad_accum_steps}"
         " or change config.mesh")
+  check_process_rows(mesh, axis_rules, batch_size)
+
+
+def check_process_rows(mesh: Mesh, axis_rules, global_batch_size: int) -> None:
+  """The input pipeline gives process p rows [p * n, (p + 1) * n) of every global batch
+  (n = batch / processes, data/pipeline.py process_rows); the batch sharding must put exactly
+  those rows on p's devices, or rows would be trained twice and others never. True for every
+  single-slice mesh and for dcn_data; not when a dcn_fsdp / dcn_tensor split interleaves the
+  processes' rows."""
+  processes = jax.process_count()
+  if processes == 1:
+    return
+  n, p = global_batch_size // processes, jax.process_index()
+  index_map = batch_sharding(mesh, axis_rules).addressable_devices_indices_map(
+      (global_batch_size, 1))
+  held = set()
+  for index in index_map.values():
+    held.update(range(*index[0].indices(global_batch_size)))
+  if held != set(range(p * n, (p + 1) * n)):
+    raise ValueError(
+        f"config.mesh={dict(mesh.shape)}: process {p}'s devices hold batch rows "
+        f"{sorted(held)[:8]}... but the input pipeline feeds each process one contiguous block "
+        f"(rows {p * n}..{(p + 1) * n - 1} here); split the slices over the data axis "
+        "(config.mesh.dcn_data) or, with config.mesh.dcn_fsdp, set config.mesh.data=1")
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:

@@ -88,23 +88,49 @@ def test_checkpoints_resume_across_process_counts_and_meshes(runs, source, proce
                              [a[s] for s in range(4, STEPS + 1)], rtol=0, atol=1e-5)
 
 
-# 2 slices (here: processes) of 4 devices, fsdp=2 inside each: the total mesh is data=4 x fsdp=2.
-MULTISLICE = ("--config.mesh.data=-1", "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2")
+# 2 slices (here: processes) of 4 devices: the in-slice mesh, the dcn split, the same total
+# mesh as one process of 8 devices, and the split the log line shows.
+MULTISLICE = {
+    "dcn_data": (("--config.mesh.data=-1", "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2"),
+                 ("--config.mesh.data=4", "--config.mesh.fsdp=2"),
+                 "mesh data=4 (ici 2 x dcn 2), fsdp=2 (ici 2 x dcn 1)"),
+    "dcn_fsdp": (("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.dcn_fsdp=2"),
+                 ("--config.mesh.data=1", "--config.mesh.fsdp=8"),
+                 "mesh data=1 (ici 1 x dcn 1), fsdp=8 (ici 4 x dcn 2)"),
+}
 
 
-def test_two_slices_train_as_one_process_on_the_same_mesh(tmp_path):
-  """dcn_data=2 over 2 processes x 4 devices (each process a slice, as on CPU/GPU) gives the
-  per-step losses of 1 process x 8 devices on the same total mesh, data=4 x fsdp=2."""
+@pytest.mark.parametrize("split", list(MULTISLICE))
+def test_two_slices_train_as_one_process_on_the_same_mesh(tmp_path, split):
+  """dcn_data=2 (or dcn_fsdp=2) over 2 processes x 4 devices (each process a slice, as on
+  CPU/GPU) gives the per-step losses of 1 process x 8 devices on the same total mesh."""
+  sliced_args, flat_args, logged = MULTISLICE[split]
   write_corpus(str(tmp_path / "corpus"))
   flat, sliced = tmp_path / "flat", tmp_path / "sliced"
-  _run(tmp_path, flat, 1, "--config.mesh.data=4", "--config.mesh.fsdp=2")
-  out = _run(tmp_path, sliced, 2, *MULTISLICE)
-  assert "mesh data=4 (ici 2 x dcn 2), fsdp=2 (ici 2 x dcn 1), tensor=1 (ici 1 x dcn 1) over " \
-         "2 slice(s) of 4 devices" in out.stdout + out.stderr
+  _run(tmp_path, flat, 1, *flat_args)
+  out = _run(tmp_path, sliced, 2, *sliced_args)
+  assert logged in out.stdout + out.stderr
   a, b = _losses(flat), _losses(sliced)
   assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=0,
                              atol=1e-5)
+
+
+def test_a_mesh_that_interleaves_the_processes_rows_is_refused(tmp_path):
+  """data=2 x dcn_fsdp=2: each process's devices would hold every other pair of batch rows,
+  not the contiguous block the pipeline feeds it (rows trained twice, others never): refused
+  before training, with the fix."""
+  write_corpus(str(tmp_path / "corpus"))
+  cmd = [sys.executable, "-m", "jaxft.launch.local", "--num_processes=2",
+         "--devices_per_process=4", "--grace_s=5", "--",
+         *_args(tmp_path, tmp_path / "run", "--config.mesh.data=2", "--config.mesh.fsdp=-1",
+                "--config.mesh.dcn_fsdp=2")]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode != 0
+  assert ("but the input pipeline feeds each process one contiguous block (rows 0..3 here); "
+          "split the slices over the data axis (config.mesh.dcn_data)") in out.stdout + out.stderr
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 # Run in every process through the launcher: the mesh indices of this process's devices.
