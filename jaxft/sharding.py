@@ -1,6 +1,7 @@
 """Device mesh and logical-axis sharding: the only module that talks to jax.sharding."""
 
 import contextvars
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -278,8 +279,6 @@ def constrain(x, logical_axes: tuple):
 def constrained(fn, mesh: Mesh, axis_rules):
   """`fn` traced with the models' activation constraints in force (hidden states over batch,
   logits over batch and vocabulary, ...) instead of leaving GSPMD to guess from the params."""
-  import functools
-
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     token = _ACTIVE.set((mesh, rules(axis_rules)))

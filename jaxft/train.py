@@ -380,10 +380,9 @@ def _model_shape_fields(model_cfg) -> dict:
   saved before a field existed compares as that field's default)."""
   from jaxft.models import registry
 
-  family = model_cfg.get("family", "gpt2")
-  cfg = registry.gpt2_config(model_cfg) if family == "gpt2" else registry.bert_config(model_cfg)
-  return {"family": family, **{k: v for k, v in dataclasses.asdict(cfg).items()
-                               if k not in _COMPUTE_ONLY}}
+  fields = dataclasses.asdict(registry.model_config(model_cfg))
+  return {"family": model_cfg.get("family", "gpt2"),
+          **{k: v for k, v in fields.items() if k not in _COMPUTE_ONLY}}
 
 
 def _check_same_model(workdir: str, config) -> None:

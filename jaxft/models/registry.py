@@ -65,14 +65,24 @@ def _check(family: str, head: str) -> None:
     raise ValueError(f"config.model.family={family!r} has no {head!r} head; jaxft has: {options}")
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, head: str = "causal_lm",
-                num_labels: int = 0):
-  """Returns (flax module, its frozen dataclass config)."""
+def _family(model_cfg: ml_collections.ConfigDict) -> str:
   family = model_cfg.get("family", "gpt2")
   if family not in ("gpt2", "bert"):
     raise ValueError(f"config.model.family={family!r} is unknown; jaxft has: gpt2, bert")
+  return family
+
+
+def model_config(model_cfg: ml_collections.ConfigDict):
+  """config.model -> the family's frozen dataclass (GPT2Config / BertConfig), checked."""
+  return gpt2_config(model_cfg) if _family(model_cfg) == "gpt2" else bert_config(model_cfg)
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, head: str = "causal_lm",
+                num_labels: int = 0):
+  """Returns (flax module, its frozen dataclass config)."""
+  family = _family(model_cfg)
   _check(family, head)
-  cfg = gpt2_config(model_cfg) if family == "gpt2" else bert_config(model_cfg)
+  cfg = model_config(model_cfg)
   module = HEADS[(family, head)][0]
   if head in _WITH_LABELS:
     if num_labels < 1:
