@@ -2,13 +2,18 @@
 
     python -m jaxft.bench --config configs/gpt2.py:cpu-bench [--config.FIELD=V ...] \
         [--steps 10] [--rounds 3] [--torch compile]
+    python -m jaxft.bench --config configs/finetune.py:bbc_news --torch eager
 
-Batches are random tokens in the batch contract (one segment per row), so the figures are the
-step's alone, not the data pipeline's. The step is the one `jaxft.train` runs (same sharded
-state, same jit with donation). `--torch eager|compile` also trains transformers'
-GPT2LMHeadModel (PyTorch, AdamW, same shape and batch) in the same process, alternating rounds
-with jaxft so both see the same machine load, and reports the ratio. The last line printed is
-one JSON object with every figure.
+The step is the one `jaxft.train` runs (same sharded state, same jit with donation, the model
+sizes filled from `config.init_from` as training fills them; the weights are random). Causal
+LM batches are random tokens in the batch contract (one segment per row), so the figures are
+the step's alone, not the data pipeline's; other tasks (fine-tuning heads, masked LM) time
+the first batch of their own training data, whose labels their loss needs. tokens/s counts
+non-padding tokens. `--torch eager|compile` also trains the task's transformers model
+(GPT2LMHeadModel, BertForSequenceClassification, ...: `task.architecture` with the same
+config, dropout included) with torch.optim.AdamW on the same batch, in the same process,
+alternating rounds with jaxft so both see the same machine load, and reports the ratio. The
+last line printed is one JSON object with every figure.
 """
 
 import json
@@ -22,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxft import metrics, optim, sharding, steps, tasks
+from jaxft import init_from, metrics, optim, sharding, steps, tasks
 from jaxft import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:variant].",
@@ -31,7 +36,7 @@ _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per round")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "rounds (alternating with --torch); median reported")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
 _TORCH = flags.DEFINE_enum("torch", "none", ["none", "eager", "compile"],
-                           "also time transformers' PyTorch GPT2LMHeadModel on the same shape")
+                           "also time the task's transformers (PyTorch) model on the same batch")
 
 
 def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -48,6 +53,7 @@ class JaxftRunner:
   """Builds the sharded state and the jitted step exactly as jaxft.train does."""
 
   def __init__(self, config):
+    config = init_from.resolve(config)
     self.config = config
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(config.batch_size, config.grad_accum_steps, mesh,
@@ -58,7 +64,8 @@ class JaxftRunner:
         self.task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh,
         axis_rules=config.axis_rules)
     step, _, batch_sh, _ = steps.jit_steps(self.task, tx, schedule, config, lay, shardings, mesh)
-    self.batch = sharding.global_batch(random_batch(config), batch_sh)
+    self.host_batch = step_batch(config, self.task)
+    self.batch = sharding.global_batch(self.host_batch, batch_sh)
     t = time.perf_counter()
     lowered = step.lower(self.state, self.frozen, self.batch)
     self.lower_s = time.perf_counter() - t
@@ -89,27 +96,64 @@ class JaxftRunner:
     return out
 
 
-class TorchRunner:
-  """transformers.GPT2LMHeadModel trained with torch.optim.AdamW on random tokens."""
+def step_batch(config, task) -> dict[str, np.ndarray]:
+  """The batch every timed step trains on. Causal LM: random tokens (the step alone, no input
+  pipeline). Other tasks: the first batch of the task's own training data, since their steps
+  need real labels (and MLM its maskable tokens)."""
+  if task.name == "causal_lm":
+    return random_batch(config)
+  return next(task.train_iterator(config.data.shuffle_seed))
 
-  def __init__(self, config, mode: str):
+
+def torch_inputs(task, batch: dict[str, np.ndarray], torch) -> dict:
+  """The batch as keyword arguments of the task's transformers model (its loss included)."""
+  def t(key):
+    return torch.from_numpy(np.asarray(batch[key]).astype(np.int64))
+
+  if task.name == "causal_lm":
+    return {"input_ids": t("inputs"), "labels": t("inputs")}  # HF shifts the labels itself
+  kwargs = {"input_ids": t("inputs"), "attention_mask": (t("segment_ids") > 0).long()}
+  if task.config.model.get("family", "gpt2") == "bert":
+    kwargs["token_type_ids"] = t("token_types")
+  if task.name == "classification":
+    kwargs["labels"] = t("labels")
+  elif task.name == "token_classification":
+    kwargs["labels"] = torch.where(t("label_mask") > 0, t("labels"), -100)
+  elif task.name == "question_answering":
+    kwargs.update(start_positions=t("start_positions"), end_positions=t("end_positions"))
+  elif task.name == "masked_lm":  # 15% of the real tokens as targets (HF scores every position)
+    picks = np.random.default_rng(0).random(batch["inputs"].shape) < 0.15
+    picks &= np.asarray(batch["segment_ids"]) > 0
+    kwargs["labels"] = torch.where(torch.from_numpy(picks), t("inputs"), -100)
+  else:
+    raise ValueError(f"--torch has no transformers peer for task {task.name!r}")
+  return kwargs
+
+
+class TorchRunner:
+  """The task's transformers model (task.architecture, the same config: sizes, dropout)
+  trained with torch.optim.AdamW on the jaxft step's batch."""
+
+  def __init__(self, config, task, batch: dict[str, np.ndarray], mode: str):
     import torch
     import transformers
 
-    m = config.model
+    from jaxft import hf_config
+
     torch.manual_seed(config.seed)
-    hf_cfg = transformers.GPT2Config(
-        n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, vocab_size=m.vocab_size,
-        n_positions=m.n_positions, resid_pdrop=m.resid_pdrop, embd_pdrop=m.embd_pdrop,
-        attn_pdrop=m.attn_pdrop)
-    self.model = transformers.GPT2LMHeadModel(hf_cfg).train()
+    cfg = task.model_cfg
+    if config.model.get("family", "gpt2") == "bert":
+      as_dict = hf_config.bert_config_dict(cfg, task.architecture, task.labels)
+    else:
+      as_dict = hf_config.gpt2_config_dict(cfg, architecture=task.architecture,
+                                           labels=task.labels)
+    hf_cfg = transformers.AutoConfig.for_model(**as_dict)
+    self.model = getattr(transformers, task.architecture)(hf_cfg).train()
     o = config.optim
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.b1, o.b2),
                                  eps=o.eps, weight_decay=o.weight_decay)
     self.forward = torch.compile(self.model) if mode == "compile" else self.model
-    batch = random_batch(config)
-    self.inputs = torch.from_numpy(batch["inputs"].astype(np.int64))
-    self.labels = self.inputs  # HF shifts the labels inside the model
+    self.inputs = torch_inputs(task, batch, torch)
     t = time.perf_counter()
     self.run(1)  # compilation (torch.compile) and allocator warm-up
     self.compile_s = time.perf_counter() - t
@@ -118,7 +162,7 @@ class TorchRunner:
   def run(self, n: int) -> float:
     t = time.perf_counter()
     for _ in range(n):
-      loss = self.forward(input_ids=self.inputs, labels=self.labels).loss
+      loss = self.forward(**self.inputs).loss
       loss.backward()
       self.opt.step()
       self.opt.zero_grad(set_to_none=True)
@@ -127,10 +171,11 @@ class TorchRunner:
 
 
 def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str = "none") -> dict:
-  tokens_per_step = config.batch_size * config.seq_len
   runner = JaxftRunner(config)
+  tokens_per_step = int((np.asarray(runner.host_batch["segment_ids"]) > 0).sum())
   runner.run(warmup)
-  peer = TorchRunner(config, torch_mode) if torch_mode != "none" else None
+  peer = (TorchRunner(config, runner.task, runner.host_batch, torch_mode)
+         if torch_mode != "none" else None)
   if peer is not None:
     peer.run(warmup)
   jax_times, torch_times = [], []

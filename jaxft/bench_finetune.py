@@ -1,6 +1,7 @@
 """Fine-tuning end to end, jaxft against the transformers (PyTorch) peer, in one run.
 
-    python -m jaxft.bench_finetune [--workdir runs/bench_bbc] [--peer PATH] [--skip_peer]
+    python -m jaxft.bench_finetune [--workdir runs/bench_bbc] [--peer PATH] [--skip_peer] \
+        [--seeds 0,1,2] [--peer_runs 2]
 
 Runs `python -m jaxft.train --config configs/finetune.py:bbc_news` (all-MiniLM-L6-v2, BBC News,
 3 epochs, batch 16, max_len 128, lr 1e-4, the reference's 80/10/10 split) and then the peer
@@ -9,6 +10,11 @@ transformers), one after the other on the same machine, and prints both: test ac
 time (everything: start-up, data, compilation, evaluation) and trained tokens/s: non-padding
 tokens of the training batches over the training loop's wall time, per-epoch evaluations
 included, as the peer measures its own. The last line is one JSON object.
+
+One test example of BBC News is 0.45 points of accuracy, about the spread between seeds, so
+`--seeds` repeats the jaxft run per `config.seed` (head init, dropout, data order) and
+`--peer_runs` repeats the peer (which seeds nothing: every run draws a new head and new dropout
+masks); each run and the means are printed.
 """
 
 import json
@@ -28,6 +34,8 @@ def _define_flags() -> None:
                                            "bench", "torch_bbc_finetune_ref.py"),
                       "the transformers reference script")
   flags.DEFINE_boolean("skip_peer", False, "only run jaxft")
+  flags.DEFINE_list("seeds", ["0"], "config.seed of each jaxft run (several: WORKDIR/seedN)")
+  flags.DEFINE_integer("peer_runs", 1, "how many times the peer runs")
 
 
 def trained_tokens(task, num_steps: int, seed: int) -> int:
@@ -89,26 +97,47 @@ def run_peer(script: str) -> dict:
           "tokens_per_s_wall": float(rates[-1]), "log": out.stdout}
 
 
+def _mean(runs: list[dict], key: str) -> float:
+  return sum(r[key] for r in runs) / len(runs)
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
-  ours = run_jaxft(os.path.abspath(f.workdir))
-  print(ours.pop("log"), end="")
-  print(f"jaxft: test accuracy {ours['test_accuracy']:.4f}, {ours['wall_s']:.0f} s in all; "
-        f"trained tokens/s: {ours['tokens_per_s_loop']:,.0f} over the training loop "
-        f"(compilation and evaluations included, the peer's scope), "
-        f"{ours['tokens_per_s_train']:,.0f} in the train steps alone, "
-        f"{ours['tokens_per_s_wall']:,.0f} over the whole process")
+  seeds = [int(s) for s in f.seeds]
+  ours = []
+  for seed in seeds:
+    workdir = os.path.abspath(f.workdir if len(seeds) == 1 else f"{f.workdir}/seed{seed}")
+    run = run_jaxft(workdir, (f"--config.seed={seed}",))
+    print(run.pop("log"), end="")
+    print(f"jaxft seed {seed}: test accuracy {run['test_accuracy']:.4f} (validation "
+          f"{run['val_accuracy']:.4f}), {run['wall_s']:.0f} s in all; trained tokens/s: "
+          f"{run['tokens_per_s_loop']:,.0f} over the training loop (compilation and "
+          f"evaluations included, the peer's scope), {run['tokens_per_s_train']:,.0f} in the "
+          f"train steps alone, {run['tokens_per_s_wall']:,.0f} over the whole process",
+          flush=True)
+    ours.append({"seed": seed, **run})
   result = {"jaxft": ours}
+  if len(ours) > 1:
+    print(f"jaxft over {len(ours)} seeds: mean test accuracy "
+          f"{_mean(ours, 'test_accuracy'):.4f}, mean trained tokens/s "
+          f"{_mean(ours, 'tokens_per_s_loop'):,.0f}")
   if not f.skip_peer:
-    peer = run_peer(os.path.abspath(f.peer))
-    print(peer.pop("log"), end="")
-    print(f"transformers (PyTorch): test accuracy {peer['test_accuracy']:.4f}, "
-          f"{peer['wall_s']:.0f} s in all; {peer['tokens_per_s_wall']:,.0f} trained tokens/s "
-          "over its training loop (evaluations included; its own count)")
+    peers = []
+    for _ in range(f.peer_runs):
+      peer = run_peer(os.path.abspath(f.peer))
+      print(peer.pop("log"), end="")
+      print(f"transformers (PyTorch): test accuracy {peer['test_accuracy']:.4f}, "
+            f"{peer['wall_s']:.0f} s in all; {peer['tokens_per_s_wall']:,.0f} trained tokens/s "
+            "over its training loop (evaluations included; its own count)", flush=True)
+      peers.append(peer)
+    if len(peers) > 1:
+      print(f"transformers over {len(peers)} runs: mean test accuracy "
+            f"{_mean(peers, 'test_accuracy'):.4f}, mean trained tokens/s "
+            f"{_mean(peers, 'tokens_per_s_wall'):,.0f}")
     print(f"jaxft / transformers trained tokens/s over the training loop: "
-          f"{ours['tokens_per_s_loop'] / peer['tokens_per_s_wall']:.2f}x")
-    result["transformers"] = peer
+          f"{_mean(ours, 'tokens_per_s_loop') / _mean(peers, 'tokens_per_s_wall'):.2f}x")
+    result["transformers"] = peers
   print(json.dumps(result))
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, topic_rows, write_csv
 
 
 def test_bench_cli_ends_with_one_json_line_of_consistent_figures():
@@ -27,6 +27,36 @@ def test_bench_cli_ends_with_one_json_line_of_consistent_figures():
   assert r["temp_bytes"] > 0 and r["host_peak_rss_bytes"] > 0
   assert r["jaxft_over_torch"] == pytest.approx(r["torch_eager_step_s"] / r["step_s"])
   assert any("tokens/s" in line and "MFU" in line for line in lines)
+
+
+def test_bench_times_a_fine_tuning_head_against_its_transformers_peer(tmp_path, tiny_bert):
+  """A BERT classification config: the step trains on the task's first training batch (real
+  labels), the peer is BertForSequenceClassification, tokens/s counts non-padding tokens."""
+  train_csv = write_csv(tmp_path / "train.csv", topic_rows(40, 0))
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxft.bench", "--config", "configs/finetune.py:classification",
+       f"--config.init_from={tiny_bert}", f"--config.data.train={train_csv}",
+       f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.seq_len=32",
+       "--config.batch_size=8", "--config.num_steps=10", "--config.mesh.data=1",
+       "--steps", "2", "--rounds", "2", "--warmup", "1", "--torch", "eager"],
+      cwd=ROOT, capture_output=True, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  # The tiny model's sizes come from init_from, as in training (the config says MiniLM).
+  from transformers import BertConfig
+  hidden = BertConfig.from_pretrained(tiny_bert).hidden_size
+  assert r["params"] == _bert_classifier_params(tiny_bert, num_labels=2)
+  assert hidden != 384
+  # 12 words per row: fewer than 32 tokens, so padding is not counted.
+  assert r["tokens_per_s"] * r["step_s"] < 8 * 32
+  assert r["jaxft_over_torch"] == pytest.approx(r["torch_eager_step_s"] / r["step_s"])
+
+
+def _bert_classifier_params(path, num_labels):
+  import transformers
+  model = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+  return sum(p.numel() for p in model.parameters())
 
 
 def test_bench_memory_compares_remat_policies_under_scan():

@@ -59,6 +59,21 @@ def test_every_mesh_shape_gives_the_single_device_loss(reference, data, fsdp, te
   assert kernel.addressable_shards[0].data.size == kernel.size // (fsdp * tensor)
 
 
+def test_dropout_masks_do_not_depend_on_the_mesh():
+  # With dropout on, a sharded run draws the same masks as one device (threefry is
+  # partitionable and jaxft's dropout keeps the activation's shape), so losses agree.
+  def losses(data, fsdp, tensor, devices):
+    config = tiny_config(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+    return run_steps(config, devices, n_steps=3)[0]
+
+  single = losses(1, 1, 1, jax.devices()[:1])
+  no_dropout = run_steps(tiny_config(), jax.devices()[:1], n_steps=3)[0]
+  assert np.abs(single - no_dropout).max() > 1e-3  # the masks are really applied
+  np.testing.assert_allclose(losses(2, 2, 2, jax.devices()), single, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(losses(1, 2, 4, jax.devices()), single, rtol=0, atol=1e-5)
+
+
 def _record_gradient():
   """An 'optimizer' that keeps the step's final gradient as its state and leaves params alone."""
   import optax

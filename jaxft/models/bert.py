@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from jaxft import sharding
 from jaxft.models import layers
+from jaxft.models.dropout import Dropout
 
 Dtype = Any
 
@@ -79,13 +80,13 @@ class Attention(nn.Module):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
     scores = jnp.where(attend[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cfg.dtype), v)
     out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, name="out",
                           kernel_init=_init(cfg, ("heads", "kv", "embed")),
                           bias_init=_zeros(("embed",)))(out)
-    out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
+    out = Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
     return LayerNorm(cfg, name="ln")(out + x)  # post-LN
 
 
@@ -99,7 +100,7 @@ class MLP(nn.Module):
     h = sharding.constrain(h, ("batch", "length", "act_mlp"))
     h = jax.nn.gelu(h, approximate=False)  # HF "gelu": exact erf GELU
     h = dense(cfg, cfg.hidden_size, "proj", ("mlp", "embed"))(h)
-    return nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+    return Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
 
 
 class Layer(nn.Module):
@@ -147,7 +148,7 @@ class BertModel(nn.Module):
          + embed(cfg.max_position_embeddings, "position", (None, "embed"))(positions)
          + embed(cfg.type_vocab_size, "token_type", (None, "embed"))(token_types))
     x = LayerNorm(cfg, name="ln_embed")(x)
-    x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
     length = x.shape[1]
     x, segment_ids = layers.ExtendInputs(name="extend_inputs")(x, segment_ids)

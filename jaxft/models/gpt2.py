@@ -19,6 +19,7 @@ from flax import linen as nn
 
 from jaxft import sharding
 from jaxft.models import layers
+from jaxft.models.dropout import Dropout
 
 Dtype = Any
 
@@ -84,14 +85,14 @@ class Attention(nn.Module):
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic).astype(cfg.dtype)
+    probs = Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic).astype(cfg.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, T, H, Dh]
     out = nn.DenseGeneral(
         cfg.n_embd, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="out",
         kernel_init=_partitioned(_dense_init(cfg, (2 * cfg.n_layer) ** -0.5),
                                  ("heads", "kv", "embed")),
         bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(out)
-    return nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+    return Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
 
   def _update_cache(self, k, v, segment_ids):
     """Writes this call's keys/values at the cache cursor; returns the whole cache and masks.
@@ -132,7 +133,7 @@ class MLP(nn.Module):
                  kernel_init=_partitioned(_dense_init(cfg, (2 * cfg.n_layer) ** -0.5),
                                           ("mlp", "embed")),
                  bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(h)
-    return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+    return Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
 
 
 class Block(nn.Module):
@@ -165,7 +166,7 @@ class GPT2Model(nn.Module):
     self.h = layers.block_stack(Block, cfg, cfg.n_layer, name="h", remat=cfg.remat,
                                 scan=cfg.scan_layers)
     self.ln_f = LayerNorm(cfg)
-    self.drop = nn.Dropout(cfg.embd_pdrop)
+    self.drop = Dropout(cfg.embd_pdrop)
     self.extend_inputs = layers.ExtendInputs()
 
   def __call__(self, tokens, positions, segment_ids=None, *, deterministic: bool = True,

@@ -13,6 +13,7 @@ from flax import linen as nn
 
 from jaxft import sharding
 from jaxft.models import bert, gpt2
+from jaxft.models.dropout import Dropout
 
 
 def _dropout_rate(cfg: bert.BertConfig) -> float:
@@ -60,7 +61,7 @@ class BertForSequenceClassification(nn.Module):
                deterministic: bool = True):
     _, pooled = bert.BertModel(self.cfg, name="bert")(tokens, segment_ids, token_types, positions,
                                                       deterministic=deterministic)
-    pooled = nn.Dropout(_dropout_rate(self.cfg))(pooled, deterministic=deterministic)
+    pooled = Dropout(_dropout_rate(self.cfg))(pooled, deterministic=deterministic)
     return _classifier(self.cfg, self.num_labels, "classifier")(pooled)
 
 
@@ -75,7 +76,7 @@ class BertForTokenClassification(nn.Module):
                deterministic: bool = True):
     hidden, _ = bert.BertModel(self.cfg, add_pooling_layer=False, name="bert")(
         tokens, segment_ids, token_types, positions, deterministic=deterministic)
-    hidden = nn.Dropout(_dropout_rate(self.cfg))(hidden, deterministic=deterministic)
+    hidden = Dropout(_dropout_rate(self.cfg))(hidden, deterministic=deterministic)
     return _classifier(self.cfg, self.num_labels, "classifier")(hidden)
 
 

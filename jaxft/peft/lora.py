@@ -17,6 +17,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from jaxft.models.dropout import dropout
 from jaxft.peft.base import (
   COLLECTION,
   Method,
@@ -82,8 +83,7 @@ class LoRA(Method):
     rate = float(self.cfg.dropout)
     if deterministic or rate == 0:
       return x
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    return dropout(module.make_rng("dropout"), rate, x)
 
   def intercept(self, f, args, kwargs, context, *, deterministic: bool):
     y = f(*args, **kwargs)
