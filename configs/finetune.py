@@ -29,7 +29,7 @@ _TASKS = {"bbc_news": "classification", "classification": "classification",
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "classification"  # classification | token_classification | question_answering
-  c.seed = 0  # head init, dropout and data order derive from it
+  c.seed = 0  # head init and dropout masks (data order: data.shuffle_seed)
   c.init_from = common.minilm_dir()  # local HF model directory (config.json + weights + tokenizer)
 
   # Filled from init_from's config.json; these are all-MiniLM-L6-v2's values.

@@ -53,13 +53,16 @@ class JaxftRunner:
   """Builds the sharded state and the jitted step exactly as jaxft.train does."""
 
   def __init__(self, config):
+    if jax.process_count() > 1:
+      raise ValueError("jaxft.bench times one process; run it without jaxft.launch / "
+                       "jax.distributed (a multi-host step is timed by jaxft.train's log)")
     config = init_from.resolve(config)
     self.config = config
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(config.batch_size, config.grad_accum_steps, mesh,
                                    config.axis_rules)
     self.task = tasks.make_task(config)
-    tx, schedule = optim.make_optimizer(config.optim, config.num_steps)
+    tx, schedule = optim.make_optimizer(config.optim, config.num_steps, self.task.peft)
     self.state, self.frozen, shardings, lay = state_lib.create_train_state(
         self.task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh,
         axis_rules=config.axis_rules)
@@ -138,16 +141,12 @@ class TorchRunner:
     import torch
     import transformers
 
-    from jaxft import hf_config
+    from jaxft import hf
 
     torch.manual_seed(config.seed)
-    cfg = task.model_cfg
-    if config.model.get("family", "gpt2") == "bert":
-      as_dict = hf_config.bert_config_dict(cfg, task.architecture, task.labels)
-    else:
-      as_dict = hf_config.gpt2_config_dict(cfg, architecture=task.architecture,
-                                           labels=task.labels)
-    hf_cfg = transformers.AutoConfig.for_model(**as_dict)
+    tokenizer = getattr(task, "tokenizer", None)  # its pad / EOS ids go into the HF config
+    hf_cfg = transformers.AutoConfig.for_model(
+        **hf.config_dict(task.model_cfg, tokenizer, task.architecture, task.labels))
     self.model = getattr(transformers, task.architecture)(hf_cfg).train()
     o = config.optim
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.b1, o.b2),
@@ -171,6 +170,11 @@ class TorchRunner:
 
 
 def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str = "none") -> dict:
+  method = config.peft.get("method", "none") if "peft" in config else "none"
+  if torch_mode != "none" and method not in ("", "none"):
+    raise ValueError(f"--torch trains the full transformers model, so it is no peer for "
+                     f"config.peft.method={method!r}; drop --torch or the PEFT method")
+  peak, peak_src = metrics.peak_flops_per_device()  # on CPU measured now, on an idle machine
   runner = JaxftRunner(config)
   tokens_per_step = int((np.asarray(runner.host_batch["segment_ids"]) > 0).sum())
   runner.run(warmup)
@@ -185,7 +189,6 @@ def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str =
       torch_times.append(peer.run(steps))
   step_s = statistics.median(jax_times)
   flops_tok = metrics.flops_per_token(runner.task.model_cfg, config.seq_len)
-  peak, peak_src = metrics.peak_flops_per_device()
   tokens_per_s = tokens_per_step / step_s
   result = {
       "variant": config.get("variant", ""), "devices": jax.device_count(),
@@ -196,6 +199,7 @@ def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str =
       "step_s": step_s, "step_s_rounds": jax_times, "tokens_per_s": tokens_per_s,
       "flops_per_token": flops_tok,
       "mfu": tokens_per_s * flops_tok / (peak * jax.device_count()), "mfu_vs": peak_src,
+      "peak_flops_per_device": peak,
       **runner.memory(),
   }
   if peer is not None:

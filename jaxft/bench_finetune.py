@@ -12,9 +12,9 @@ tokens of the training batches over the training loop's wall time, per-epoch eva
 included, as the peer measures its own. The last line is one JSON object.
 
 One test example of BBC News is 0.45 points of accuracy, about the spread between seeds, so
-`--seeds` repeats the jaxft run per `config.seed` (head init, dropout, data order) and
-`--peer_runs` repeats the peer (which seeds nothing: every run draws a new head and new dropout
-masks); each run and the means are printed.
+`--seeds` repeats the jaxft run per `config.seed` (head init and dropout masks) and
+`--peer_runs` repeats the peer (which seeds neither: every run draws a new head and new dropout
+masks); each run and the means are printed. Both keep one data order, as the peer does.
 """
 
 import json
@@ -105,6 +105,9 @@ def main(argv):
   del argv
   f = flags.FLAGS
   seeds = [int(s) for s in f.seeds]
+  if not seeds or (f.peer_runs < 1 and not f.skip_peer):
+    raise app.UsageError("--seeds needs at least one seed and --peer_runs at least 1 "
+                         "(or --skip_peer)")
   ours = []
   for seed in seeds:
     workdir = os.path.abspath(f.workdir if len(seeds) == 1 else f"{f.workdir}/seed{seed}")

@@ -403,17 +403,23 @@ def to_hf_tensors(params: Mapping, architecture: str = "GPT2LMHeadModel") -> dic
           for r in arch.rows(n_layer, with_hf_prefix=True)}
 
 
+def config_dict(cfg, tokenizer=None, architecture: str = "GPT2LMHeadModel",
+                labels: list[str] | None = None) -> dict:
+  """The config.json of `architecture` for this model, with the special ids jaxft pads with
+  (GPT-2: EOS, which GPT2ForSequenceClassification must skip; BERT: [PAD])."""
+  if ARCHITECTURES[architecture].family == "gpt2":
+    return gpt2_config_dict(cfg, getattr(tokenizer, "eos_id", None), architecture, labels)
+  pad = tokenizer.special_id("pad_token") if tokenizer and "pad_token" in tokenizer.special else 0
+  return bert_config_dict(cfg, architecture, labels, pad)
+
+
 def save_hf(out_dir: str, params: Mapping, cfg, tokenizer=None,
             architecture: str = "GPT2LMHeadModel", labels: list[str] | None = None) -> None:
   """Writes config.json + model.safetensors (+ the tokenizer's files) for from_pretrained."""
   from safetensors.numpy import save_file
 
   os.makedirs(out_dir, exist_ok=True)
-  if ARCHITECTURES[architecture].family == "gpt2":
-    config = gpt2_config_dict(cfg, getattr(tokenizer, "eos_id", None), architecture, labels)
-  else:
-    pad = tokenizer.special_id("pad_token") if tokenizer and "pad_token" in tokenizer.special else 0
-    config = bert_config_dict(cfg, architecture, labels, pad)
+  config = config_dict(cfg, tokenizer, architecture, labels)
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   save_file(to_hf_tensors(params, architecture), os.path.join(out_dir, SAFETENSORS_FILE),

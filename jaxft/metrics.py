@@ -1,6 +1,7 @@
 """What a run reports: TensorBoard events, a metrics.jsonl, the progress bar, the loss curve,
 FLOP/MFU estimates and the run's provenance (config, git SHA, package versions)."""
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -36,8 +37,35 @@ def peak_flops_per_device() -> tuple[float, str]:
   for key, flops in table.items():
     if key in kind:
       return flops, f"{kind} bf16 dense peak"
-  # CPU: the f32 matmul ceiling measured on the project's 2-core reference machine.
-  return float(os.environ.get("JAXFT_CPU_PEAK_FLOPS", 140e9)), "CPU f32 matmul ceiling"
+  if jax.devices()[0].platform != "cpu":
+    return float("nan"), f"{kind}: peak unknown to jaxft.metrics"
+  # CPU devices of one process share the host's cores: each gets its share of the host peak.
+  share = jax.local_device_count()
+  if os.environ.get("JAXFT_CPU_PEAK_FLOPS"):
+    return (float(os.environ["JAXFT_CPU_PEAK_FLOPS"]) / share,
+            "host CPU peak from JAXFT_CPU_PEAK_FLOPS")
+  return cpu_matmul_ceiling() / share, "measured host CPU f32 matmul ceiling"
+
+
+@functools.cache
+def cpu_matmul_ceiling(n: int = 2048, repeats: int = 4) -> float:
+  """FLOP/s of the fastest of `repeats` jitted f32 [n, n] @ [n, n] on this host's CPU devices
+  (~1 s). CPUs publish no single peak (cores, vector units and clocks vary), so MFU on CPU is
+  measured against what XLA's own matmul reaches here."""
+  import time
+
+  import jax.numpy as jnp
+
+  cpu = jax.devices("cpu")[0]
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n**3 / best
 
 
 def git_sha() -> str:

@@ -283,7 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     timed = host[untimed:]
     if timed:
       rec["train/tokens_per_s"] = float(sum(m["tokens"] for m in timed)) / max(now - t_last, 1e-9)
-      rec["train/mfu"] = rec["train/tokens_per_s"] * flops_tok / (peak * jax.device_count())
+      if math.isfinite(peak):  # an accelerator missing from metrics' table has no MFU
+        rec["train/mfu"] = rec["train/tokens_per_s"] * flops_tok / (peak * jax.device_count())
     writer.write(step, rec)
     bar.set_postfix(loss=f"{rec['train/loss']:.3f}", lr=f"{rec['train/lr']:.2e}",
                     tok_s=f"{rec.get('train/tokens_per_s', 0):.0f}")

@@ -15,48 +15,69 @@ def test_bench_cli_ends_with_one_json_line_of_consistent_figures():
       [sys.executable, "-m", "jaxft.bench", "--config", "configs/gpt2.py:tiny", "--steps", "2",
        "--rounds", "2", "--warmup", "1", "--torch", "eager", "--config.mesh.data=1",
        "--config.batch_size=4"],
-      cwd=ROOT, capture_output=True, text=True,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+      cwd=ROOT, capture_output=True, text=True, env=_bench_env())
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.strip().splitlines()
   r = json.loads(lines[-1])
   assert r["variant"] == "tiny" and r["batch_size"] == 4 and r["seq_len"] == 32
   assert r["compile_s"] > 0 and len(r["step_s_rounds"]) == 2
   assert r["tokens_per_s"] == pytest.approx(4 * 32 / r["step_s"])
-  assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 140e9)
+  # One CPU device: MFU is against the host's measured f32 matmul ceiling.
+  assert r["mfu_vs"] == "measured host CPU f32 matmul ceiling" and r["peak_flops_per_device"] > 1e9
+  assert r["mfu"] == pytest.approx(
+      r["tokens_per_s"] * r["flops_per_token"] / r["peak_flops_per_device"])
   assert r["temp_bytes"] > 0 and r["host_peak_rss_bytes"] > 0
   assert r["jaxft_over_torch"] == pytest.approx(r["torch_eager_step_s"] / r["step_s"])
   assert any("tokens/s" in line and "MFU" in line for line in lines)
 
 
-def test_bench_times_a_fine_tuning_head_against_its_transformers_peer(tmp_path, tiny_bert):
-  """A BERT classification config: the step trains on the task's first training batch (real
-  labels), the peer is BertForSequenceClassification, tokens/s counts non-padding tokens."""
+def _bench_env():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env.pop("JAXFT_CPU_PEAK_FLOPS", None)  # MFU against the measured ceiling
+  return env
+
+
+def _tiny_gpt2(path):
+  import torch
+  import transformers
+
+  from jaxft.data.tokenizer import load_tokenizer
+
+  torch.manual_seed(0)
+  transformers.GPT2Model(transformers.GPT2Config(
+      n_layer=2, n_embd=32, n_head=2, n_positions=64)).save_pretrained(path)
+  load_tokenizer().save(str(path))  # GPT-2's BPE, as a HF tokenizer directory
+  return str(path)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_bench_times_a_fine_tuning_head_against_its_transformers_peer(tmp_path, tiny_bert,
+                                                                      family):
+  """A classification config: the step trains on the task's first training batch (real
+  labels), the peer is the task's transformers class (BertForSequenceClassification /
+  GPT2ForSequenceClassification, which must find the last real token through the pad id
+  jaxft pads with), tokens/s counts non-padding tokens."""
+  import transformers
+
+  model_dir = tiny_bert if family == "bert" else _tiny_gpt2(tmp_path / "gpt2")
   train_csv = write_csv(tmp_path / "train.csv", topic_rows(40, 0))
   out = subprocess.run(
       [sys.executable, "-m", "jaxft.bench", "--config", "configs/finetune.py:classification",
-       f"--config.init_from={tiny_bert}", f"--config.data.train={train_csv}",
+       f"--config.init_from={model_dir}", f"--config.data.train={train_csv}",
        f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.seq_len=32",
        "--config.batch_size=8", "--config.num_steps=10", "--config.mesh.data=1",
        "--steps", "2", "--rounds", "2", "--warmup", "1", "--torch", "eager"],
-      cwd=ROOT, capture_output=True, text=True,
-      env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+      cwd=ROOT, capture_output=True, text=True, env=_bench_env())
   assert out.returncode == 0, out.stderr[-3000:]
   r = json.loads(out.stdout.strip().splitlines()[-1])
   # The tiny model's sizes come from init_from, as in training (the config says MiniLM).
-  from transformers import BertConfig
-  hidden = BertConfig.from_pretrained(tiny_bert).hidden_size
-  assert r["params"] == _bert_classifier_params(tiny_bert, num_labels=2)
-  assert hidden != 384
+  architecture = {"bert": "BertForSequenceClassification",
+                  "gpt2": "GPT2ForSequenceClassification"}[family]
+  peer = getattr(transformers, architecture).from_pretrained(model_dir, num_labels=2)
+  assert r["params"] == sum(p.numel() for p in peer.parameters())
   # 12 words per row: fewer than 32 tokens, so padding is not counted.
-  assert r["tokens_per_s"] * r["step_s"] < 8 * 32
+  assert 8 * 12 <= r["tokens_per_s"] * r["step_s"] < 8 * 32
   assert r["jaxft_over_torch"] == pytest.approx(r["torch_eager_step_s"] / r["step_s"])
-
-
-def _bert_classifier_params(path, num_labels):
-  import transformers
-  model = transformers.BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-  return sum(p.numel() for p in model.parameters())
 
 
 def test_bench_memory_compares_remat_policies_under_scan():

@@ -41,22 +41,45 @@ def test_edge_rates_odd_shapes_and_dtypes():
   x = jnp.ones((3, 5, 7), jnp.bfloat16)
   np.testing.assert_array_equal(dropout(jax.random.key(0), 0.0, x), x)
   np.testing.assert_array_equal(dropout(jax.random.key(0), 1.0, x), jnp.zeros_like(x))
-  y = dropout(jax.random.key(0), 0.3, x)  # odd last axis: half a word is unused
-  assert y.shape == x.shape and y.dtype == jnp.bfloat16
+  assert np.asarray(keep_mask(jax.random.key(0), 0.0, (4, 3))).all()
+  assert not np.asarray(keep_mask(jax.random.key(0), 1.0, (4, 3))).any()
+  # Odd last axis (half a word unused): every element is 0 or the scaled input, and about
+  # half are kept at rate 0.5.
+  y = np.asarray(dropout(jax.random.key(0), 0.5, jnp.ones((64, 33), jnp.float32)))
+  assert set(np.unique(y)) == {0.0, 2.0} and 0.4 < (y > 0).mean() < 0.6
+  # bfloat16 keeps its dtype; the scale is applied in float32 before the cast.
+  y = np.asarray(dropout(jax.random.key(0), 0.3, x), np.float32)
+  assert y.shape == x.shape and dropout(jax.random.key(0), 0.3, x).dtype == jnp.bfloat16
+  expected = np.float32(jnp.asarray(2**16 / keep_threshold(0.3), jnp.float32).astype(jnp.bfloat16))
+  np.testing.assert_array_equal(y[y > 0], expected)
   assert dropout(jax.random.key(0), 0.5, jnp.float32(2.0)).shape == ()
   with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\], got 1.5"):
     dropout(jax.random.key(0), 1.5, x)
 
 
-def test_mask_does_not_depend_on_the_mesh():
+def _flops_per_device(fn, *args) -> float:
+  cost = fn.lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_masks_are_drawn_where_the_activation_lives():
+  """Sharded over the batch, over heads or over the last axis (e.g. LoRA dropout on an MLP
+  input split over `tensor`), each of 8 devices hashes only its own eighth of the mask (a
+  mask drawn flat and reshaped would be hashed whole on every device), and the output equals
+  the unsharded one."""
   mesh = jax.make_mesh((2, 4), ("a", "b"))
   shape = (8, 8, 16, 16)
-  reference = np.asarray(keep_mask(jax.random.key(3), 0.1, shape))
+  key = jax.random.key(3)
+  whole = jax.jit(lambda k, x: dropout(k, 0.1, x))
+  reference = np.asarray(whole(key, jnp.ones(shape)))
+  whole_flops = _flops_per_device(whole, key, jnp.ones(shape))
   for spec in (PartitionSpec("a", "b"), PartitionSpec(None, None, "a", "b"),
                PartitionSpec(("a", "b"))):
-    sharded = jax.jit(lambda k: keep_mask(k, 0.1, shape),
-                      out_shardings=NamedSharding(mesh, spec))(jax.random.key(3))
-    np.testing.assert_array_equal(np.asarray(sharded), reference)
+    sharding = NamedSharding(mesh, spec)
+    x = jax.device_put(jnp.ones(shape), sharding)
+    fn = jax.jit(lambda k, x: dropout(k, 0.1, x), out_shardings=sharding)
+    assert _flops_per_device(fn, key, x) < 0.15 * whole_flops, spec
+    np.testing.assert_array_equal(np.asarray(fn(key, x)), reference)
 
 
 def test_module_is_a_drop_in_for_nn_dropout():

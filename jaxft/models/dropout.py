@@ -4,8 +4,8 @@
 BERT fine-tuning step at 256 tokens: attention dropout alone masks B x H x T x T elements per
 layer. Here every 32-bit word yields two 16-bit draws, so the same mask costs half the hashing
 (`python -m jaxft.bench` reports the step time). The keep probability is rounded to a multiple
-of 2^-16 (a rate of 0.1 becomes 0.099991) and kept values are scaled by the inverse of that
-rounded probability, so the expected output equals the input exactly.
+of 2^-16 (a rate of 0.1 becomes 0.100006) and kept values are scaled, in float32, by the
+inverse of that rounded probability, so the expected output is the input.
 
 The mask keeps the shape of x, halving only the last axis before the draw, so sharded
 activations draw their random bits where they live (jax_threefry_partitionable) and a mask does
@@ -28,12 +28,15 @@ def keep_threshold(rate: float) -> int:
 
 def keep_mask(key, rate: float, shape: tuple[int, ...]) -> jax.Array:
   """Boolean mask of `shape`, True with probability keep_threshold(rate) / 2^16."""
+  threshold = keep_threshold(rate)
+  if threshold in (0, _LEVELS):  # 2^16 does not fit the uint16 comparison
+    return jnp.full(shape, threshold == _LEVELS)
   shape = tuple(shape) or (1,)
   last = shape[-1]
   words = jax.random.bits(key, shape[:-1] + ((last + 1) // 2,), jnp.uint32)
   draws = jax.lax.bitcast_convert_type(words, jnp.uint16)  # [..., ceil(last / 2), 2]
   draws = draws.reshape(shape[:-1] + (draws.shape[-2] * 2,))[..., :last]
-  return draws < keep_threshold(rate)
+  return draws < jnp.uint16(threshold)
 
 
 def dropout(key, rate: float, x: jax.Array) -> jax.Array:
@@ -44,7 +47,7 @@ def dropout(key, rate: float, x: jax.Array) -> jax.Array:
   if threshold == 0:
     return jnp.zeros_like(x)
   keep = keep_mask(key, rate, x.shape).reshape(x.shape)
-  return jnp.where(keep, x * (_LEVELS / threshold), 0).astype(x.dtype)
+  return jnp.where(keep, x.astype(jnp.float32) * (_LEVELS / threshold), 0).astype(x.dtype)
 
 
 class Dropout(nn.Module):
