@@ -26,7 +26,7 @@ VARIANTS = ("default", "tiny", "cpu-bench", *_SHAPES)
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "causal_lm"  # which head/loss/eval the train loop uses (jaxft/tasks.py)
-  c.seed = 0  # params init, dropout and data order all derive from it
+  c.seed = 0  # params init and dropout masks (data order: data.shuffle_seed)
   c.init_from = ""  # a local HF GPT-2 directory (config.json + weights) to start from
 
   c.model = ml_collections.ConfigDict()
