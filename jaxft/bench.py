@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxft import init_from, metrics, optim, sharding, steps, tasks
+from jaxft import hf, init_from, metrics, optim, peft, sharding, steps, tasks
 from jaxft import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:variant].",
@@ -116,7 +116,7 @@ def torch_inputs(task, batch: dict[str, np.ndarray], torch) -> dict:
   if task.name == "causal_lm":
     return {"input_ids": t("inputs"), "labels": t("inputs")}  # HF shifts the labels itself
   kwargs = {"input_ids": t("inputs"), "attention_mask": (t("segment_ids") > 0).long()}
-  if task.config.model.get("family", "gpt2") == "bert":
+  if hf.ARCHITECTURES[task.architecture].family == "bert":
     kwargs["token_type_ids"] = t("token_types")
   if task.name == "classification":
     kwargs["labels"] = t("labels")
@@ -140,8 +140,6 @@ class TorchRunner:
   def __init__(self, config, task, batch: dict[str, np.ndarray], mode: str):
     import torch
     import transformers
-
-    from jaxft import hf
 
     torch.manual_seed(config.seed)
     tokenizer = getattr(task, "tokenizer", None)  # its pad / EOS ids go into the HF config
@@ -170,8 +168,8 @@ class TorchRunner:
 
 
 def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str = "none") -> dict:
-  method = config.peft.get("method", "none") if "peft" in config else "none"
-  if torch_mode != "none" and method not in ("", "none"):
+  method = peft.make(config.get("peft")).name  # resolved as training resolves it
+  if torch_mode != "none" and method != "none":
     raise ValueError(f"--torch trains the full transformers model, so it is no peer for "
                      f"config.peft.method={method!r}; drop --torch or the PEFT method")
   peak, peak_src = metrics.peak_flops_per_device()  # on CPU measured now, on an idle machine
