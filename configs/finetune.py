@@ -27,6 +27,7 @@ _TASKS = {"bbc_news": "classification", "classification": "classification",
 
 
 def base_config() -> ml_collections.ConfigDict:
+  # Long by design: every field of the config, one per line, read top to bottom.
   c = ml_collections.ConfigDict()
   c.task = "classification"  # classification | token_classification | question_answering
   c.seed = 0  # head init and dropout masks (data order: data.shuffle_seed)
@@ -48,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
   c.model.remat = "none"  # "none" | "full" | "dots" | "dots_all": see configs/gpt2.py
   c.model.scan_layers = False  # one nn.scan over the layers (compiled once): configs/gpt2.py
+  c.model.attention_impl = "xla"  # "xla" | "cudnn" (GPU, bf16) | "splash" (TPU): configs/gpt2.py
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "bbc_news"  # built-in: bbc_news | wnut16; "" = the files below

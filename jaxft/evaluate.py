@@ -9,26 +9,28 @@ as workdir/report_{split}.json.
 
 from absl import app, flags
 
+from jaxft.run import evaluation, loader
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "jaxft training directory")
 _SPLIT = flags.DEFINE_string("split", "test", "split to score: train, validation or test")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the best, else latest)")
 _LATEST = flags.DEFINE_boolean("latest", False, "score the latest checkpoint, not the best")
 
 
-def evaluate(workdir: str, split: str = "test", step: int | None = None,
+def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
              latest: bool = False) -> dict:
-  from jaxft import checkpoint, reports
-
-  _, task, variables = checkpoint.load_params(workdir, step, best=not latest)
-  outputs = reports.run_eval(task, variables, task.eval_batches(split))
-  return reports.write_report(task, outputs, split, workdir)
+  """The task's report of `split` (also written to workdir/report_{split}.json)."""
+  run = loader.open_run(workdir, step=step, best=not latest)
+  _, outputs = evaluation.evaluate(run.task, evaluation.single_device_eval(run.task),
+                                   run.task.eval_batches(split), run.variables, split=split)
+  return evaluation.write_report(run.task, outputs, split, workdir)
 
 
 def main(argv):
   del argv
   if not _WORKDIR.value:
     raise app.UsageError("give --workdir (a jaxft training directory)")
-  evaluate(_WORKDIR.value, _SPLIT.value, _STEP.value, _LATEST.value)
+  evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _LATEST.value)
 
 
 if __name__ == "__main__":

@@ -20,32 +20,31 @@ import os
 
 from absl import app, flags
 
+from jaxft import hf, tasks, trees
+from jaxft.run import checkpoint, loader
+from jaxft.run import workdir as workdir_lib
+
 
 def export(workdir: str, out: str, step: int | None = None, init_from: str | None = None) -> str:
   """Writes a plain Hugging Face model directory (PEFT merged in) to `out`."""
-  from jaxft import checkpoint, hf
-  from jaxft.data.tokenizer import load_tokenizer
-
-  config, task, variables = checkpoint.load_params(workdir, step, init_from=init_from)
-  params = task.peft.merge(variables)["params"]
-  hf.save_hf(out, params, task.model_cfg, load_tokenizer(config.data.get("tokenizer") or None),
-             architecture=task.architecture, labels=task.labels)
+  run = loader.open_run(workdir, step=step, init_from=init_from)
+  params = run.task.peft.merge(run.variables)["params"]
+  hf.save_hf(out, params, run.task.model_cfg, run.tokenizer(), architecture=run.task.architecture,
+             labels=run.task.labels)
   return os.path.abspath(out)
 
 
 def export_adapter(workdir: str, out: str, step: int | None = None) -> str:
   """Writes the run's trainable variables (no base model) to `out`."""
-  from jaxft import checkpoint, peft, tasks
-
-  config = checkpoint.load_config(workdir)
-  task = tasks.make_task(config, labels=checkpoint.load_labels(workdir))
+  config = workdir_lib.load_config(workdir)
+  task = tasks.make_task(config, labels=workdir_lib.load_labels(workdir))
   if task.peft.name == "none":
     raise ValueError(f"--workdir={workdir} is a full fine-tuning run (config.peft.method="
                      "'none'): every parameter is trained, so there is no adapter; export the "
                      "whole model (drop --adapter_only)")
-  _, trainable = checkpoint.load_trainable(workdir, task, step)
+  _, trainable = loader.open_trainable(workdir, task, step)
   checkpoint.save_adapter(out, workdir, trainable)
-  print(f"{peft.count(trainable):,} trainable parameters ({task.peft.describe()})")
+  print(f"{trees.count(trainable):,} trainable parameters ({task.peft.describe()})")
   return os.path.abspath(out)
 
 

@@ -3,7 +3,7 @@ r"""Cloud TPU VM pod launcher: a thin wrapper around `gcloud compute tpus tpu-vm
     python -m launch.tpu_pod create NAME --zone=us-central2-b --accelerator_type=v4-32 [--spot]
     python -m launch.tpu_pod setup  NAME --zone=us-central2-b [--repo=URL [--ref=BRANCH]]
     python -m launch.tpu_pod run    NAME --zone=us-central2-b -- \
-        python -m jaxft.train --config configs/gpt2.py:124m --workdir gs://BUCKET/runs/124m
+        python -m jaxft.train --config configs/gpt2.py:124m --workdir /mnt/shared/runs/124m
     python -m launch.tpu_pod logs   NAME --zone=us-central2-b [--follow]
     python -m launch.tpu_pod stop   NAME --zone=us-central2-b
     python -m launch.tpu_pod delete NAME --zone=us-central2-b
@@ -17,7 +17,8 @@ of them with `gcloud ... ssh --worker=all`, in the background of each worker (it
 dropped connection), streams the output with a `[worker N]` prefix and writes each worker's
 lines to LOG_DIR/worker-N.log. There, `jax.distributed.initialize()` needs no arguments: JAX
 reads the coordinator (worker 0), the process count and each host's process id from the TPU VM
-metadata. The workdir must be one every worker reaches (gs://BUCKET/... or a shared disk); the
+metadata. The workdir must be a directory every worker reaches (a shared disk: Cloud Storage
+FUSE, Filestore; jaxft writes it with plain file I/O, so not a gs:// URL); the
 same `run` command resumes from its newest checkpoint, which is how a preempted --spot slice
 goes on: `create` it again (same name), `setup`, `run`.
 """
@@ -32,105 +33,21 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
+
+from launch.tpu_scripts import (
+  REMOTE_TARBALL,
+  STOP_SCRIPT,
+  follow_script,
+  join,
+  local_tarball,
+  run_script,
+  setup_script,
+)
+from launch.tpu_slices import EXAMPLES, UsageError, parse_accelerator_type
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Paths on every worker (bash syntax: $HOME expands there, not here).
-REMOTE_DIR = "$HOME/jaxft"
-REMOTE_VENV = "$HOME/jaxft-venv"
-REMOTE_LOGS = "$HOME/jaxft-logs"
-REMOTE_TARBALL = "jaxft-src.tar.gz"  # relative to the worker's home, where scp puts it
-# The worker's index in the slice, the same number gcloud's --worker=N and JAX's process id use.
-WORKER_ID = ('W=$(curl -sf -H "Metadata-Flavor: Google" http://metadata.google.internal/'
-             "computeMetadata/v1/instance/attributes/agent-worker-number || hostname)")
 WORKER_LINE = re.compile(r"^\[worker (\d+)\] ?(.*)$", re.S)
-
-
-class UsageError(Exception):
-  """A bad flag: the message names it and the fix."""
-
-
-# -- accelerator types ----------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-  name: str  # what users call it: v4, v5e, ...
-  gcloud_prefix: str  # the --accelerator-type prefix gcloud wants: v4, v5litepod, ...
-  unit: str  # what the size after the dash counts: "cores" (TensorCores) or "chips"
-  runtime: str  # default --version (TPU software version) for JAX
-  sizes: tuple[int, ...] = ()  # the sizes there are; () = multiples of 8 up to max_size
-  max_size: int = 0
-  example: int = 8  # a size to suggest
-
-
-# Runtime versions: Google's "TPU software versions" page (PyTorch and JAX): v6e
-# v2-alpha-tpuv6e, v5p v2-alpha-tpuv5, v5e v2-alpha-tpuv5-lite, v4 and older tpu-ubuntu2204-base.
-# Sizes: v2/v3/v4/v5p count TensorCores (2 per chip, 4 chips per host); v5e/v6e count chips
-# (single-host slices of 1, 4 or 8 chips; larger ones are VMs of 4 chips each).
-GENERATIONS = {
-    "v2": Generation("v2", "v2", "cores", "tpu-ubuntu2204-base", (8, 32, 128, 256, 512)),
-    "v3": Generation("v3", "v3", "cores", "tpu-ubuntu2204-base",
-                     (8, 32, 64, 128, 256, 512, 1024, 2048), example=32),
-    "v4": Generation("v4", "v4", "cores", "tpu-ubuntu2204-base", max_size=8192, example=32),
-    "v5p": Generation("v5p", "v5p", "cores", "v2-alpha-tpuv5", max_size=12288),
-    "v5e": Generation("v5e", "v5litepod", "chips", "v2-alpha-tpuv5-lite",
-                      (1, 4, 8, 16, 32, 64, 128, 256), example=16),
-    "v6e": Generation("v6e", "v6e", "chips", "v2-alpha-tpuv6e", (1, 4, 8, 16, 32, 64, 128, 256)),
-}
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
-EXAMPLES = "v2-8, v3-32, v4-32, v5p-8, v5e-16 (gcloud: v5litepod-16), v6e-8"
-
-
-@dataclasses.dataclass(frozen=True)
-class Slice:
-  generation: Generation
-  size: int
-
-  @property
-  def accelerator_type(self) -> str:
-    """The name gcloud's --accelerator-type takes."""
-    return f"{self.generation.gcloud_prefix}-{self.size}"
-
-  @property
-  def chips(self) -> int:
-    return self.size // 2 if self.generation.unit == "cores" else self.size
-
-  @property
-  def workers(self) -> int:
-    """TPU VMs (hosts) in the slice: gcloud's --worker=0..workers-1, one JAX process each."""
-    if self.generation.unit == "cores":
-      return max(1, self.chips // 4)
-    return 1 if self.chips <= 8 else self.chips // 4
-
-  def describe(self) -> str:
-    cores = f" ({self.size} TensorCores)" if self.generation.unit == "cores" else ""
-    return (f"{self.accelerator_type}: {self.chips} chips{cores} on {self.workers} "
-            f"worker{'s' if self.workers > 1 else ''} (hosts; one JAX process each, "
-            f"{self.chips // self.workers} chips per host)")
-
-
-def parse_accelerator_type(text: str) -> Slice:
-  """'v4-32', 'v5e-16', 'v5litepod-16', 'V6E-8' -> Slice; a UsageError naming the fix else."""
-  m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", text.strip().lower())
-  gen = GENERATIONS.get(_ALIASES.get(m.group(1), m.group(1))) if m else None
-  if gen is None:
-    raise UsageError(f"--accelerator_type={text!r} is not a Cloud TPU type this launcher knows: "
-                     f"give GENERATION-SIZE, one of {EXAMPLES} (generations: "
-                     f"{', '.join(GENERATIONS)}; the size counts TensorCores for v2, v3, v4 and "
-                     "v5p, chips for v5e and v6e)")
-  size = int(m.group(2))
-  if gen.sizes:
-    ok, allowed = size in gen.sizes, "one of " + ", ".join(str(s) for s in gen.sizes)
-  else:
-    ok = size % 8 == 0 and 8 <= size <= gen.max_size
-    allowed = f"a multiple of 8 from 8 to {gen.max_size} (whole hosts of 4 chips, 2 cores each)"
-  if not ok:
-    unit = "TensorCores" if gen.unit == "cores" else "chips"
-    raise UsageError(f"--accelerator_type={text!r}: the size of a {gen.name} slice counts its "
-                     f"{unit} and must be {allowed}, not {size}; e.g. "
-                     f"--accelerator_type={gen.name}-{gen.example}")
-  return Slice(gen, size)
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -157,96 +74,6 @@ def _ssh(args, script: list[str], worker: str = "all") -> list[str]:
   return _gcloud(args, "ssh", args.name) + [f"--worker={worker}", "--command", join(script)]
 
 
-def join(script: list[str]) -> str:
-  """Statements -> one line: '; ' between them, but only ' ' after a background '&'."""
-  return "".join(s + (" " if s.endswith("&") else "; ") for s in script[:-1]) + script[-1]
-
-
-def _dq(text: str) -> str:
-  """Double-quoted for bash (inside the single quotes --dry-run prints around --command)."""
-  return '"' + re.sub(r'(["\\$`])', r"\\\1", text) + '"'
-
-
-def _local_tarball(name: str) -> str:
-  return os.path.join(tempfile.gettempdir(), f"jaxft-{name}-src.tar.gz")
-
-
-def _setup_script(args) -> list[str]:
-  d, venv = f'"{REMOTE_DIR}"', f'"{REMOTE_VENV}"'
-  if args.repo:
-    fetch = [f"if [ ! -d {d}/.git ]; then git clone -q {_dq(args.repo)} {d}; fi",
-             f"git -C {d} fetch -q origin {_dq(args.ref)}",
-             f"git -C {d} checkout -q FETCH_HEAD"]
-  else:  # the tarball `setup` copied; extracting over an old copy keeps runs/ and other files
-    fetch = [f"mkdir -p {d}", f'tar -xzf "$HOME/{REMOTE_TARBALL}" -C {d}']
-  return [
-      "set -euo pipefail",
-      WORKER_ID,
-      *fetch,
-      # The TPU images ship Python 3.10; jaxft needs >= 3.11: uv brings its own.
-      'UV="$HOME/.local/bin/uv"',
-      'if [ ! -x "$UV" ]; then python3 -m pip install -q --user --upgrade uv; fi',
-      f'if [ ! -x {venv}/bin/python ]; then "$UV" venv -q --python {_dq(args.python)} {venv}; fi',
-      f'"$UV" pip install -q --python {venv}/bin/python -e {d} {_dq(args.jax_spec)}',
-      # Import only: initialising the TPU backend on a pod would wait for every host.
-      f'V=$({venv}/bin/python -c "import jax, jaxft; print(jax.__version__)")',
-      'echo "[worker $W] jaxft installed (jax $V)"',
-  ]
-
-
-def _run_script(command: list[str], detach: bool) -> list[str]:
-  cmd = _dq(shlex.join(command))
-  lines = [
-      "set -uo pipefail",
-      WORKER_ID,
-      f'L="{REMOTE_LOGS}"',
-      'LOG="$L/worker-$W.log"',
-      'PIDF="$L/run.pid"',
-      'mkdir -p "$L"',
-      'if [ -s "$PIDF" ] && kill -0 "$(cat "$PIDF")" 2>/dev/null; then echo "[worker $W] a run is '
-      'still going (pid $(cat "$PIDF")): stop it first (python -m launch.tpu_pod stop)"; exit 1; '
-      "fi",
-      f'cd "{REMOTE_DIR}" || exit 1',
-      f'echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) worker $W: "{cmd} >> "$LOG"',
-      'START=$(stat -c %s "$LOG")',  # where this run's output begins
-      # setsid + nohup: the run outlives this ssh session; its process group is what stop kills.
-      f'PATH="{REMOTE_VENV}/bin:$PATH" PYTHONUNBUFFERED=1 JAXFT_DISTRIBUTED=auto nohup setsid '
-      f'bash -c {cmd} '
-      '>> "$LOG" 2>&1 < /dev/null &',
-      "P=$!",
-      'echo "$P" > "$PIDF"',
-  ]
-  if detach:
-    lines.remove('START=$(stat -c %s "$LOG")')
-    lines.append('echo "[worker $W] started (pid $P), log $LOG"')
-  else:
-    lines += [
-        'tail -c +$((START + 1)) --pid="$P" -f "$LOG" | sed -u "s/^/[worker $W] /"',
-        'wait "$P"',
-        "RC=$?",
-        'echo "[worker $W] exit status $RC"',
-        'exit "$RC"',
-    ]
-  return lines
-
-
-STOP_SCRIPT = [
-    WORKER_ID,
-    f'PIDF="{REMOTE_LOGS}/run.pid"',
-    'if [ -s "$PIDF" ] && P=$(cat "$PIDF") && kill -0 "$P" 2>/dev/null; then '
-    'kill -TERM -- "-$P"; '
-    'for _ in $(seq 30); do kill -0 "$P" 2>/dev/null || break; sleep 1; done; '
-    'if kill -0 "$P" 2>/dev/null; then kill -KILL -- "-$P"; fi; '
-    'echo "[worker $W] stopped the run (process group $P)"; '
-    'else echo "[worker $W] no run going"; fi',
-]
-
-
-def _follow_script(lines: int) -> list[str]:
-  return [WORKER_ID,
-          f'tail -n {int(lines)} -F "{REMOTE_LOGS}/worker-$W.log" | sed -u "s/^/[worker $W] /"']
-
-
 def steps_for(args) -> list[Step]:
   """The commands a subcommand runs, in order."""
   if args.command == "create":
@@ -261,18 +88,18 @@ def steps_for(args) -> list[Step]:
   if args.command == "setup":
     steps = []
     if not args.repo:
-      tarball = _local_tarball(args.name)
+      tarball = local_tarball(args.name)
       steps += [Step(["python", "-m", "launch.tpu_pod", "pack", tarball],
                      call=lambda: pack(tarball)),
                 Step(_gcloud(args, "scp", tarball, f"{args.name}:{REMOTE_TARBALL}")
                      + ["--worker=all"])]
-    return steps + [Step(_ssh(args, _setup_script(args)))]
+    return steps + [Step(_ssh(args, setup_script(args)))]
   if args.command == "run":
-    return [Step(_ssh(args, _run_script(args.remote_command, args.detach)),
+    return [Step(_ssh(args, run_script(args.remote_command, args.detach)),
                  stream=not args.detach, keep=True)]
   if args.command in ("logs", "collect"):
     if args.follow:
-      return [Step(_ssh(args, _follow_script(args.lines)), stream=True)]
+      return [Step(_ssh(args, follow_script(args.lines)), stream=True)]
     return [Step(_gcloud(args, "scp", f"{args.name}:jaxft-logs/worker-{w}.log",
                          os.path.join(args.log_dir, f"worker-{w}.log")) + [f"--worker={w}"])
             for w in range(args.workers)]
@@ -466,7 +293,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   if args.command == "run" and not remote:
     raise UsageError("give the command to run on every worker after --, e.g. run NAME "
                      "--zone=ZONE -- python -m jaxft.train --config configs/gpt2.py:124m "
-                     "--workdir gs://BUCKET/runs/124m")
+                     "--workdir /mnt/shared/runs/124m")
   args.log_dir = args.log_dir or os.path.join("runs", "tpu", args.name)
   return args
 

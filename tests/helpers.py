@@ -115,3 +115,18 @@ def write_csv(path, rows):
     w.writeheader()
     w.writerows(rows)
   return str(path)
+
+
+def open_trained(path, **kwargs):
+  """(config, task, variables) of a trained run, through the one loader (jaxft/run/loader.py)."""
+  from jaxft.run import loader
+
+  run = loader.open_run(str(path), **kwargs)
+  return run.config, run.task, run.variables
+
+
+def eval_outputs(task, variables, batches):
+  """Host outputs of the task's eval_outputs over `batches` on one device (the inference path)."""
+  from jaxft.run import evaluation
+
+  return evaluation.run_batches(evaluation.single_device_eval(task), batches, variables)

@@ -5,7 +5,8 @@ import importlib.util
 
 import pytest
 
-from jaxft import aot, train
+from jaxft import train
+from jaxft.parallel import aot
 from tests.helpers import train_config
 
 

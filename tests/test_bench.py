@@ -81,10 +81,10 @@ def test_bench_times_a_fine_tuning_head_against_its_transformers_peer(tmp_path, 
 
 
 def test_bench_memory_compares_remat_policies_under_scan():
-  """`python -m jaxft.bench_memory`: one --compile_only child per combination; with the layers
+  """`python -m jaxft.bench.memory`: one --compile_only child per combination; with the layers
   scanned, full remat keeps only each block's input for the backward pass."""
   out = subprocess.run(
-      [sys.executable, "-m", "jaxft.bench_memory", "--policies", "none,full", "--scan", "true",
+      [sys.executable, "-m", "jaxft.bench.memory", "--policies", "none,full", "--scan", "true",
        "--", "--config", "configs/gpt2.py:tiny", "--config.mesh.data=1", "--config.seq_len=256",
        "--config.model.n_positions=256", "--config.model.n_layer=4",
        "--config.model.n_embd=64", "--config.model.n_head=4", "--config.batch_size=16",
@@ -104,7 +104,7 @@ def test_bench_memory_compares_remat_policies_under_scan():
 def test_bench_memory_meshes_shrink_the_per_device_state():
   """--meshes 2: data=2 replicates the train state on both devices, fsdp=2 halves it."""
   out = subprocess.run(
-      [sys.executable, "-m", "jaxft.bench_memory", "--meshes", "2", "--", "--config",
+      [sys.executable, "-m", "jaxft.bench.memory", "--meshes", "2", "--", "--config",
        "configs/gpt2.py:tiny", "--config.batch_size=4"],
       cwd=ROOT, capture_output=True, text=True,
       env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})

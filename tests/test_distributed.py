@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from jaxft import distributed
-from jaxft.launch import local
+from jaxft.parallel import distributed
+from launch import local
 from tests.helpers import ROOT, write_corpus
 
 STEPS = 6
@@ -35,9 +35,9 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def _run(tmp_path, workdir, processes: int, *extra):
-  """The user's commands: python -m jaxft.launch.local, or python -m jaxft.train alone."""
+  """The user's commands: python -m launch.local, or python -m jaxft.train alone."""
   if processes > 1:
-    cmd = [sys.executable, "-m", "jaxft.launch.local", f"--num_processes={processes}",
+    cmd = [sys.executable, "-m", "launch.local", f"--num_processes={processes}",
            f"--devices_per_process={8 // processes}", "--grace_s=5", "--",
            *_args(tmp_path, workdir, *extra)]
   else:
@@ -121,7 +121,7 @@ def test_a_mesh_that_interleaves_the_processes_rows_is_refused(tmp_path):
   not the contiguous block the pipeline feeds it (rows trained twice, others never): refused
   before training, with the fix."""
   write_corpus(str(tmp_path / "corpus"))
-  cmd = [sys.executable, "-m", "jaxft.launch.local", "--num_processes=2",
+  cmd = [sys.executable, "-m", "launch.local", "--num_processes=2",
          "--devices_per_process=4", "--grace_s=5", "--",
          *_args(tmp_path, tmp_path / "run", "--config.mesh.data=2", "--config.mesh.fsdp=-1",
                 "--config.mesh.dcn_fsdp=2")]
@@ -138,7 +138,7 @@ _MESH_PROBE = """
 import json, sys
 import jax, numpy as np
 from configs import common
-from jaxft import distributed, sharding
+from jaxft.parallel import distributed, sharding
 distributed.initialize()
 for spec in sys.argv[1:]:
   cfg = common.mesh()

@@ -13,7 +13,10 @@ import torch
 import transformers
 
 from configs import finetune
-from jaxft import checkpoint, reports, train
+from jaxft import train
+from jaxft.run import checkpoint
+from jaxft.run import workdir as workdir_lib
+from tests import helpers
 from tests.helpers import FILLER, ROOT, set_fields, topic_rows, write_csv
 
 
@@ -62,9 +65,9 @@ def test_classification_run_best_checkpoint_reports_and_clis(tmp_path, tiny_bert
   _cli("jaxft.export", "--workdir", str(workdir), "--out", str(tmp_path / "hf"))
   exported = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
   assert exported.config.id2label == {0: "money", 1: "sport"}
-  _, task, params = checkpoint.load_params(str(workdir))
+  _, task, params = helpers.open_trained(str(workdir))
   batches = task.eval_batches("validation")
-  ours = reports.run_eval(task, params, batches[:1])[0]["logits"]
+  ours = helpers.eval_outputs(task, params, batches[:1])[0]["logits"]
   b = batches[0]
   with torch.no_grad():
     theirs = exported(input_ids=torch.from_numpy(b["inputs"]).long(),
@@ -214,15 +217,15 @@ def test_gpt2_classifier_trains_and_exports_to_transformers(tmp_path):
       "eval_every": 15})
   workdir = tmp_path / "run"
   val = train.train_and_evaluate(config, str(workdir))
-  assert checkpoint.load_config(str(workdir)).model.family == "gpt2"
+  assert workdir_lib.load_config(str(workdir)).model.family == "gpt2"
   assert val["accuracy"] >= 0.75
 
   _cli("jaxft.export", "--workdir", str(workdir), "--out", str(tmp_path / "hf"))
   exported = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
   assert exported.config.id2label == {0: "money", 1: "sport"}
-  _, task, params = checkpoint.load_params(str(workdir))
+  _, task, params = helpers.open_trained(str(workdir))
   b = task.eval_batches("validation")[0]
-  ours = reports.run_eval(task, params, [b])[0]["logits"]
+  ours = helpers.eval_outputs(task, params, [b])[0]["logits"]
   # right padding with the EOS id, which the exported config names as pad_token_id
   with torch.no_grad():
     theirs = exported(input_ids=torch.from_numpy(b["inputs"]).long(),

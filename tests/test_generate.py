@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jaxft import generate
+from jaxft.models import generation
 from jaxft.models.registry import build_model
 from tests.helpers import tiny_config
 
@@ -43,7 +43,7 @@ def test_incremental_decoding_equals_full_forward_with_left_padding(model_and_pa
   segments = (column >= (p - lengths)[:, None]).astype(np.int32)
   positions = np.maximum(column - (p - lengths)[:, None], 0)
 
-  cache = generate._empty_cache(model, 2, p + n)
+  cache = generation._empty_cache(model, 2, p + n)
   step = jax.jit(lambda cache, t, pos, seg: model.apply(
       {"params": params, "cache": cache}, t, pos, seg, decode=True, mutable=["cache"]))
   logits, vars_ = step(cache, tokens, positions, segments)
@@ -62,8 +62,8 @@ def test_incremental_decoding_equals_full_forward_with_left_padding(model_and_pa
 def test_greedy_batch_equals_each_prompt_alone(model_and_params):
   model, params = model_and_params
   prompts = [[5, 9, 200, 31, 7], [42], [100, 101, 102]]
-  batch = generate.generate(model, params, prompts, max_new_tokens=12, temperature=0)
-  alone = [generate.generate(model, params, [p], max_new_tokens=12, temperature=0)[0]
+  batch = generation.generate(model, params, prompts, max_new_tokens=12, temperature=0)
+  alone = [generation.generate(model, params, [p], max_new_tokens=12, temperature=0)[0]
            for p in prompts]
   assert batch == alone
   # and greedy is argmax of the full forward pass, token by token
@@ -77,18 +77,18 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model_and_params):
   model, params = model_and_params
   prompts = [[1, 2, 3], [4, 5]]
   kw = dict(max_new_tokens=16, temperature=1.0)
-  a = generate.generate(model, params, prompts, seed=0, **kw)
-  assert a == generate.generate(model, params, prompts, seed=0, **kw)
-  assert a != generate.generate(model, params, prompts, seed=1, **kw)
-  greedy = generate.generate(model, params, prompts, max_new_tokens=16, temperature=0)
-  assert generate.generate(model, params, prompts, seed=3, top_k=1, **kw) == greedy
-  assert generate.generate(model, params, prompts, seed=3, top_p=1e-6, **kw) == greedy
+  a = generation.generate(model, params, prompts, seed=0, **kw)
+  assert a == generation.generate(model, params, prompts, seed=0, **kw)
+  assert a != generation.generate(model, params, prompts, seed=1, **kw)
+  greedy = generation.generate(model, params, prompts, max_new_tokens=16, temperature=0)
+  assert generation.generate(model, params, prompts, seed=3, top_k=1, **kw) == greedy
+  assert generation.generate(model, params, prompts, seed=3, top_p=1e-6, **kw) == greedy
 
 
 def test_filter_logits_top_k_and_top_p():
   logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
   keep = lambda **kw: np.isfinite(np.asarray(  # noqa: E731
-      generate.filter_logits(logits, generate.Sampling(1.0, **kw))))[0].tolist()
+      generation.filter_logits(logits, generation.Sampling(1.0, **kw))))[0].tolist()
   assert keep(top_k=2) == [True, True, False, False, False]
   # smallest set with mass >= 0.8: 0.5 + 0.2 + 0.15
   assert keep(top_p=0.8) == [True, True, True, False, False]
@@ -99,9 +99,9 @@ def test_filter_logits_top_k_and_top_p():
 def test_stops_at_eos(model_and_params):
   model, params = model_and_params
   prompts = [[5, 9, 200], [42, 43]]
-  free = generate.generate(model, params, prompts, max_new_tokens=10, temperature=0)
+  free = generation.generate(model, params, prompts, max_new_tokens=10, temperature=0)
   eos = free[0][3]
-  stopped = generate.generate(model, params, prompts, max_new_tokens=10, temperature=0,
+  stopped = generation.generate(model, params, prompts, max_new_tokens=10, temperature=0,
                               eos_id=eos)
   for row_free, row in zip(free, stopped):
     cut = row_free.index(eos) if eos in row_free else len(row_free)
@@ -112,10 +112,10 @@ def test_stops_at_eos(model_and_params):
 def test_errors_name_the_flag(model_and_params):
   model, params = model_and_params
   with pytest.raises(ValueError, match=r"n_positions=64.*--max_new_tokens"):
-    generate.generate(model, params, [[1] * 60], max_new_tokens=10)
+    generation.generate(model, params, [[1] * 60], max_new_tokens=10)
   with pytest.raises(ValueError, match=r"--temperature=-1"):
-    generate.generate(model, params, [[1]], max_new_tokens=2, temperature=-1)
+    generation.generate(model, params, [[1]], max_new_tokens=2, temperature=-1)
   with pytest.raises(ValueError, match=r"--top_p=0"):
-    generate.generate(model, params, [[1]], max_new_tokens=2, top_p=0)
+    generation.generate(model, params, [[1]], max_new_tokens=2, top_p=0)
   with pytest.raises(ValueError, match=r"outside \[0, 512\)"):
-    generate.generate(model, params, [[600]], max_new_tokens=2)
+    generation.generate(model, params, [[600]], max_new_tokens=2)

@@ -111,7 +111,7 @@ def test_round_trip_is_exact(tmp_path, scan_layers):
 
 
 def test_greedy_20_tokens_equal_transformers_generate(tmp_path):
-  from jaxft import generate
+  from jaxft.models import generation
 
   reference = _torch_model(seed=5)
   reference.save_pretrained(tmp_path)
@@ -122,7 +122,7 @@ def test_greedy_20_tokens_equal_transformers_generate(tmp_path):
     out = reference.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20,
                              do_sample=False, pad_token_id=0)
   want = out[0, len(prompt):].tolist()
-  got = generate.generate(model, params, [prompt], max_new_tokens=20, temperature=0)
+  got = generation.generate(model, params, [prompt], max_new_tokens=20, temperature=0)
   assert got == [want]
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from launch import tpu_pod
+from launch import tpu_pod, tpu_scripts, tpu_slices
 from tests.helpers import ROOT, write_corpus
 
 LAUNCH = os.path.join(ROOT, "launch")
@@ -45,7 +45,7 @@ def dry_run(capsys, command, name, *argv):
     ("v6e-16", "v6e-16", 16, 4, "v2-alpha-tpuv6e"),
 ])
 def test_accelerator_types(name, gcloud_type, chips, workers, runtime):
-  s = tpu_pod.parse_accelerator_type(name)
+  s = tpu_slices.parse_accelerator_type(name)
   assert (s.accelerator_type, s.chips, s.workers, s.generation.runtime) == (
       gcloud_type, chips, workers, runtime)
 
@@ -189,7 +189,7 @@ def _alive(pid: int) -> bool:
 
 def test_run_script_streams_each_workers_lines_into_its_log(fake_worker, tmp_path):
   code = "import sys; print('step 1 loss 5.0'); print('warn', file=sys.stderr); sys.exit(3)"
-  script = tpu_pod.join(tpu_pod._run_script([sys.executable, "-c", code], detach=False))
+  script = tpu_scripts.join(tpu_scripts.run_script([sys.executable, "-c", code], detach=False))
   log_dir = str(tmp_path / "logs")
   rc = tpu_pod._stream(["bash", "-c", script], log_dir)
   assert rc == 3
@@ -205,7 +205,7 @@ def test_run_script_streams_each_workers_lines_into_its_log(fake_worker, tmp_pat
 
 
 def test_detached_run_refuses_a_second_start_and_stop_ends_it(fake_worker):
-  script = tpu_pod.join(tpu_pod._run_script(
+  script = tpu_scripts.join(tpu_scripts.run_script(
       [sys.executable, "-c", "import time; time.sleep(120)"], detach=True))
   started = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
   assert started.returncode == 0 and "[worker 3] started" in started.stdout
@@ -214,15 +214,15 @@ def test_detached_run_refuses_a_second_start_and_stop_ends_it(fake_worker):
     assert _alive(pid)
     again = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
     assert again.returncode == 1 and "a run is still going" in again.stdout
-    stop = subprocess.run(["bash", "-c", tpu_pod.join(tpu_pod.STOP_SCRIPT)], capture_output=True,
-                          text=True, timeout=60)
+    stop = subprocess.run(["bash", "-c", tpu_scripts.join(tpu_scripts.STOP_SCRIPT)],
+                          capture_output=True, text=True, timeout=60)
     assert f"[worker 3] stopped the run (process group {pid})" in stop.stdout
     deadline = time.time() + 10
     while _alive(pid) and time.time() < deadline:
       time.sleep(0.1)
     assert not _alive(pid)
-    stop = subprocess.run(["bash", "-c", tpu_pod.join(tpu_pod.STOP_SCRIPT)], capture_output=True,
-                          text=True, timeout=60)
+    stop = subprocess.run(["bash", "-c", tpu_scripts.join(tpu_scripts.STOP_SCRIPT)],
+                          capture_output=True, text=True, timeout=60)
     assert "[worker 3] no run going" in stop.stdout
   finally:
     if _alive(pid):
@@ -239,13 +239,13 @@ def _shellcheck() -> str | None:
 def _remote_scripts():
   args = type("Args", (), dict(repo="https://example.com/jaxft.git", ref="main", python="3.12",
                                jax_spec="jax[tpu]"))
-  yield "setup-repo", tpu_pod._setup_script(args)
+  yield "setup-repo", tpu_scripts.setup_script(args)
   args.repo = None
-  yield "setup-copy", tpu_pod._setup_script(args)
-  yield "run", tpu_pod._run_script(TRAIN, detach=False)
-  yield "run-detach", tpu_pod._run_script(TRAIN, detach=True)
-  yield "stop", tpu_pod.STOP_SCRIPT
-  yield "follow", tpu_pod._follow_script(20)
+  yield "setup-copy", tpu_scripts.setup_script(args)
+  yield "run", tpu_scripts.run_script(TRAIN, detach=False)
+  yield "run-detach", tpu_scripts.run_script(TRAIN, detach=True)
+  yield "stop", tpu_scripts.STOP_SCRIPT
+  yield "follow", tpu_scripts.follow_script(20)
 
 
 def test_shellcheck_launch_scripts(tmp_path):
@@ -258,7 +258,7 @@ def test_shellcheck_launch_scripts(tmp_path):
   # The launcher's remote scripts too, exactly as gcloud ... --command receives them.
   for name, script in _remote_scripts():
     path = tmp_path / f"{name}.sh"
-    path.write_text("#!/bin/bash\n" + tpu_pod.join(script) + "\n")
+    path.write_text("#!/bin/bash\n" + tpu_scripts.join(script) + "\n")
     files.append(str(path))
   result = subprocess.run([exe, "--severity=style", *files], capture_output=True, text=True)
   assert result.returncode == 0, result.stdout + result.stderr

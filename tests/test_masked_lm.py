@@ -12,9 +12,12 @@ import pytest
 from flax import linen as nn
 
 from configs import bert_mlm
-from jaxft import checkpoint, metrics, train
+from jaxft import train
 from jaxft.data import text_builder
+from jaxft.run import checkpoint
+from jaxft.run import workdir as workdir_lib
 from jaxft.tasks.masked_lm import MaskedLM
+from tests import helpers
 from tests.helpers import write_corpus
 
 
@@ -221,16 +224,16 @@ def test_training_reports_the_baseline_and_resumes_to_the_same_params(tmp_path, 
   assert 0 < float(line[3]) < 1 and line[4] == "."
   assert "--- masked validation row ---" in out
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
-  _, _, final = checkpoint.load_params(workdir, best=False)
-  losses = [r["train/loss"] for r in metrics.read_metrics(workdir) if "train/loss" in r]
+  _, _, final = helpers.open_trained(workdir, best=False)
+  losses = [r["train/loss"] for r in workdir_lib.read_metrics(workdir) if "train/loss" in r]
 
   # A crash after step 5: the step-6 checkpoint and the best params never got written.
   shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
   shutil.rmtree(os.path.join(workdir, checkpoint.BEST_DIR))
   resumed_val = train.train_and_evaluate(config, workdir)
-  _, _, resumed = checkpoint.load_params(workdir, best=False)
+  _, _, resumed = helpers.open_trained(workdir, best=False)
   for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert [r["train/loss"] for r in metrics.read_metrics(workdir) if "train/loss" in r] == losses
+  assert [r["train/loss"] for r in workdir_lib.read_metrics(workdir) if "train/loss" in r] == losses
   assert resumed_val == val
   assert jnp.isfinite(val["loss"]) and len(losses) == 6

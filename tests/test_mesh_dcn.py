@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from jaxft import sharding
+from jaxft.parallel import sharding
 
 
 def mesh_config(**sizes):
@@ -111,7 +111,7 @@ def test_one_slice_keeps_make_mesh_unchanged():
 
 
 def test_devices_that_span_slices_with_dcn_all_one_warn(caplog):
-  with caplog.at_level(logging.WARNING, logger="jaxft.sharding"):
+  with caplog.at_level(logging.WARNING, logger="jaxft.parallel.sharding"):
     assert sharding.hybrid_devices((8, 1, 1), (1, 1, 1), fake_devices(2, 4, slices=2)) is None
   assert "span 2 TPU slices but config.mesh.dcn_* are all 1: set config.mesh.dcn_data=2" in (
       caplog.text)
@@ -134,7 +134,7 @@ def test_slice_count_must_match_the_devices(devices, dcn, message):
 
 
 def test_make_mesh_logs_ici_times_dcn_and_checks_the_real_devices(caplog):
-  with caplog.at_level(logging.INFO, logger="jaxft.sharding"):
+  with caplog.at_level(logging.INFO, logger="jaxft.parallel.sharding"):
     sharding.make_mesh(mesh_config(fsdp=2))
   assert "mesh data=4 (ici 4 x dcn 1), fsdp=2 (ici 2 x dcn 1), tensor=1 (ici 1 x dcn 1) over " \
          "1 slice(s) of 8 devices" in caplog.text

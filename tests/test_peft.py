@@ -16,21 +16,13 @@ import transformers
 from flax import linen as nn
 
 from configs import finetune
-from jaxft import (
-  checkpoint,
-  export,
-  generate,
-  hf,
-  optim,
-  peft,
-  reports,
-  sharding,
-  steps,
-  tasks,
-  train,
-)
-from jaxft import state as state_lib
+from jaxft import export, hf, peft, tasks, train, trees
+from jaxft.models import generation
+from jaxft.parallel import sharding
 from jaxft.peft import adalora
+from jaxft.run import checkpoint, optim, steps
+from jaxft.run import state as state_lib
+from tests import helpers
 from tests.helpers import (
   random_batch,
   save_tiny_bert,
@@ -72,7 +64,7 @@ def init_variables(task, seed=0):
 
 def perturb(variables, seed=1, scale=0.05):
   """Random non-zero PEFT params (B and E start at zero, which would hide mistakes)."""
-  leaves = peft.flat(variables[peft.COLLECTION])
+  leaves = trees.flat(variables[peft.COLLECTION])
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   noisy = {k: v + scale * jax.random.normal(key, v.shape) for key, (k, v) in
            zip(keys, leaves.items())}
@@ -88,7 +80,7 @@ def test_starts_as_the_base_model(method):
   batch = bert_batch()
   np.testing.assert_array_equal(task.logits(variables, batch),
                                 base.logits({"params": variables["params"]}, batch))
-  assert peft.flat(variables[peft.COLLECTION])
+  assert trees.flat(variables[peft.COLLECTION])
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -109,14 +101,14 @@ def test_merge_equals_unmerged(method, scan_layers):
 def test_targets_select_modules_and_keep_their_logical_axes():
   task = bert_task("lora", targets="attn.*|mlp.*")
   boxed = task.init(jax.random.key(0), 16)
-  adapted = sorted("/".join(k[:-1]) for k in peft.flat(nn.unbox(boxed)["peft"])
+  adapted = sorted("/".join(k[:-1]) for k in trees.flat(nn.unbox(boxed)["peft"])
                    if k[-1] == "lora_a")
   assert adapted == [f"bert/layer_{i}/{m}" for i in range(2) for m in
                      ("attn/key", "attn/out", "attn/query", "attn/value", "mlp/fc", "mlp/proj")]
   a = boxed["peft"]["bert"]["layer_0"]["attn"]["query"]
   assert a["lora_a"].names == ("embed", None) and a["lora_b"].names == (None, "heads", "kv")
   default = bert_task("lora")
-  q_and_v = {"/".join(k[:-1]) for k in peft.flat(init_variables(default)["peft"])}
+  q_and_v = {"/".join(k[:-1]) for k in trees.flat(init_variables(default)["peft"])}
   assert q_and_v == {f"bert/layer_{i}/attn/{m}" for i in range(2) for m in ("query", "value")}
 
 
@@ -128,20 +120,20 @@ def test_only_peft_and_head_train_and_optimizer_state_scales_with_them(method):
   tx, _ = optim.make_optimizer(config.optim, 10, task.peft)
   state, frozen, _, _ = state_lib.create_train_state(
       task, tx, seq_len=16, seed=0, mesh=mesh, axis_rules=config.axis_rules)
-  trainable = {"/".join(k) for k in peft.flat(state.params)}
+  trainable = {"/".join(k) for k in trees.flat(state.params)}
   assert all(k.startswith(("peft/", "params/classifier/")) for k in trainable), trainable
   assert {"params/classifier/kernel", "params/classifier/bias"} <= trainable
-  assert not any(k[0] == "peft" for k in peft.flat(frozen))
+  assert not any(k[0] == "peft" for k in trees.flat(frozen))
   # Adam keeps two moments per trainable parameter; nothing for the frozen ones.
-  trainable_bytes = peft.nbytes(state.params)
-  assert 2 * trainable_bytes <= peft.nbytes(state.opt_state) <= 2 * trainable_bytes + 4096 + (
+  trainable_bytes = trees.nbytes(state.params)
+  assert 2 * trainable_bytes <= trees.nbytes(state.opt_state) <= 2 * trainable_bytes + 4096 + (
       3 * trainable_bytes if method == "adalora" else 0)  # AdaLoRA: I_bar, U_bar, mask
   full = bert_task("none")
   full_state, full_frozen, _, _ = state_lib.create_train_state(
       full, tx if method != "adalora" else optim.make_optimizer(config.optim, 10)[0],
       seq_len=16, seed=0, mesh=mesh, axis_rules=config.axis_rules)
   assert not full_frozen
-  assert peft.nbytes(state.opt_state) < 0.25 * peft.nbytes(full_state.opt_state)
+  assert trees.nbytes(state.opt_state) < 0.25 * trees.nbytes(full_state.opt_state)
 
 
 def _causal(method, scan_layers=False, **fields):
@@ -168,7 +160,7 @@ def test_decoding_with_kv_cache_equals_full_recompute(method, scan_layers):
   base = task.model.apply({"params": variables["params"]}, tokens, positions, ones)
   assert np.abs(np.asarray(full - base)).max() > 1e-3  # the method changes the model
 
-  cache = generate._empty_cache(model, 2, 8)
+  cache = generation._empty_cache(model, 2, 8)
   logits, mutated = model.apply({**variables, "cache": cache}, tokens[:, :5], positions[:, :5],
                                 ones[:, :5], decode=True, mutable=["cache"])
   cached = [logits]
@@ -179,7 +171,7 @@ def test_decoding_with_kv_cache_equals_full_recompute(method, scan_layers):
     cached.append(logits)
   np.testing.assert_allclose(np.concatenate(cached, axis=1), full, atol=1e-5, rtol=0)
   # and jaxft.generate, which decodes that way, follows the full model's argmax
-  out = generate.generate(model, variables, [[5, 9, 11]], max_new_tokens=4, temperature=0)[0]
+  out = generation.generate(model, variables, [[5, 9, 11]], max_new_tokens=4, temperature=0)[0]
   seq = jnp.asarray([[5, 9, 11, *out[:-1]]], jnp.int32)
   again = model.apply(variables, seq, jnp.arange(6)[None], jnp.ones_like(seq))
   assert np.argmax(np.asarray(again[0, 2:]), axis=-1).tolist() == out
@@ -209,9 +201,9 @@ def test_adalora_prunes_to_the_budget_and_resumes_its_allocation(scan_layers):
   ranks = adalora.rank_pattern(state.opt_state)
   assert len(ranks) == 4 and sum(ranks.values()) == 2 * 4  # rank 2 on average over 4 modules
   assert ("transformer/h/attn/query[1]" in ranks) == scan_layers
-  e = [v for k, v in peft.flat(state.params["peft"]).items() if k[-1] == "lora_e"]
+  e = [v for k, v in trees.flat(state.params["peft"]).items() if k[-1] == "lora_e"]
   assert sum(int((np.asarray(x) != 0).sum()) for x in e) == 8
-  reg = task.peft.regularizer(peft.combine(frozen, state.params))
+  reg = task.peft.regularizer(trees.combine(frozen, state.params))
   assert float(reg) > 0
 
 
@@ -269,19 +261,19 @@ def test_lora_run_freezes_the_base_exports_merged_and_saves_a_small_adapter(tmp_
   assert counts["params/trainable_percent"] == pytest.approx(
       100 * counts["params/trainable"] / counts["params/total"])
 
-  _, task, variables = checkpoint.load_params(workdir)
+  _, task, variables = helpers.open_trained(workdir)
   # The base model is bit-identical to the Hugging Face weights it started from.
   base = hf.load_params(tiny_bert, jax.eval_shape(lambda: variables["params"]),
                         task.architecture, init_fn=lambda: variables["params"])
-  for key, value in peft.flat(variables["params"]).items():
+  for key, value in trees.flat(variables["params"]).items():
     if key[0] != "classifier":
-      np.testing.assert_array_equal(np.asarray(value), peft.flat(base)[key], err_msg=str(key))
+      np.testing.assert_array_equal(np.asarray(value), trees.flat(base)[key], err_msg=str(key))
 
   # Export merges LoRA: transformers' BertForSequenceClassification gives jaxft's logits.
   export.export(workdir, str(tmp_path / "hf"))
   exported = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
   b = task.eval_batches("validation")[0]
-  ours = reports.run_eval(task, variables, [b])[0]["logits"]
+  ours = helpers.eval_outputs(task, variables, [b])[0]["logits"]
   with torch.no_grad():
     theirs = exported(input_ids=torch.from_numpy(b["inputs"]).long(),
                       attention_mask=torch.from_numpy(b["segment_ids"]).long()).logits.numpy()
@@ -292,8 +284,8 @@ def test_lora_run_freezes_the_base_exports_merged_and_saves_a_small_adapter(tmp_
   export.export_adapter(workdir, adapter_dir)
   size = os.path.getsize(os.path.join(adapter_dir, checkpoint.ADAPTER_FILE))
   assert size < 0.2 * os.path.getsize(os.path.join(tiny_bert, "model.safetensors"))
-  _, task2, reloaded = checkpoint.load_params(adapter_dir)
-  np.testing.assert_array_equal(reports.run_eval(task2, reloaded, [b])[0]["logits"], ours)
+  _, task2, reloaded = helpers.open_trained(adapter_dir)
+  np.testing.assert_array_equal(helpers.eval_outputs(task2, reloaded, [b])[0]["logits"], ours)
 
 
 def test_peft_run_resumes_and_checks_its_base(tmp_path, tiny_bert):
@@ -306,8 +298,8 @@ def test_peft_run_resumes_and_checks_its_base(tmp_path, tiny_bert):
   shutil.copytree(straight, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "12"))  # as if killed after step 6
   train.train_and_evaluate(config, resumed)
-  _, _, a = checkpoint.load_params(straight, best=False)
-  _, _, b = checkpoint.load_params(resumed, best=False)
+  _, _, a = helpers.open_trained(straight, best=False)
+  _, _, b = helpers.open_trained(resumed, best=False)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -327,11 +319,11 @@ def test_prompt_tuning_on_a_jaxft_workdir_base(tmp_path):
   config.sample.max_new_tokens = 4
   workdir = str(tmp_path / "prompted")
   train.train_and_evaluate(config, workdir)
-  _, _, base = checkpoint.load_params(base_dir)
-  _, task, tuned = checkpoint.load_params(workdir)
-  for key, value in peft.flat(base["params"]).items():
-    np.testing.assert_array_equal(np.asarray(value), np.asarray(peft.flat(tuned["params"])[key]))
-  assert peft.flat(tuned["peft"])[("transformer", "extend_inputs", "prompt")].shape == (4, 32)
+  _, _, base = helpers.open_trained(base_dir)
+  _, task, tuned = helpers.open_trained(workdir)
+  for key, value in trees.flat(base["params"]).items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(trees.flat(tuned["params"])[key]))
+  assert trees.flat(tuned["peft"])[("transformer", "extend_inputs", "prompt")].shape == (4, 32)
   with pytest.raises(ValueError, match="--adapter_only"):
     export.export(workdir, str(tmp_path / "hf"))
   # prompt_eval scores with the prompt-tuned model (the soft prompt changes every score)

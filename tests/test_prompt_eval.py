@@ -11,7 +11,8 @@ import pytest
 import torch
 import transformers
 
-from jaxft import prompt_eval as pe
+from jaxft.data import prompts
+from jaxft.inference import prompt_scoring, prompting
 from tests.helpers import ROOT
 
 EOS = 50256
@@ -32,7 +33,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(hf_dir):
-  return pe.load_model(init_from=hf_dir[0])
+  return prompting.load_model(init_from=hf_dir[0])
 
 
 def _torch_logprob(reference, prompt: list[int], candidate: list[int]) -> float:
@@ -55,8 +56,8 @@ def test_candidate_logprobs_match_transformers_with_padding_and_truncation(hf_di
   # Rows of lengths 5..84 land in several buckets; the 80-token prompt does not fit 64.
   prompts = [rng.integers(0, 50257, n).tolist() for n in (3, 10, 29, 80)]
   candidates = [[5], [17, 900], [3, 4, 5]]
-  scored = pe.score_candidates(model, params, prompts, candidates, max_len=64, batch_size=5,
-                               prefix=[EOS])
+  scored = prompt_scoring.score_candidates(model, params, prompts, candidates, max_len=64,
+                                           batch_size=5, prefix=[EOS])
 
   assert scored.truncated == 1
   room = 64 - 3  # the longest candidate has 3 tokens
@@ -66,55 +67,56 @@ def test_candidate_logprobs_match_transformers_with_padding_and_truncation(hf_di
     for j, candidate in enumerate(candidates):
       assert abs(scored.logprobs[i, j] - _torch_logprob(reference, prompt, candidate)) < 1e-4
 
-  alone = pe.score_candidates(model, params, prompts, candidates, max_len=64, batch_size=1,
-                              prefix=[EOS])
+  alone = prompt_scoring.score_candidates(model, params, prompts, candidates, max_len=64,
+                                          batch_size=1, prefix=[EOS])
   np.testing.assert_allclose(alone.logprobs, scored.logprobs, atol=1e-5, rtol=0)
   # A shorter --max_len cuts more and still matches the reference.
-  short = pe.score_candidates(model, params, prompts[1:2], candidates, max_len=8, batch_size=4,
-                              prefix=[EOS])
+  short = prompt_scoring.score_candidates(model, params, prompts[1:2], candidates, max_len=8,
+                                          batch_size=4, prefix=[EOS])
   assert short.truncated == 1 and short.prompts[0] == [EOS, *prompts[1][-4:]]
   assert abs(short.logprobs[0, 2] - _torch_logprob(reference, short.prompts[0], [3, 4, 5])) < 1e-4
 
 
 def test_demonstrations_are_seeded_and_never_the_example_itself():
-  a = pe.sample_demonstrations(10, range(10), k=9, seed=3, same_split=True)
-  assert a == pe.sample_demonstrations(10, range(10), k=9, seed=3, same_split=True)
+  a = prompts.sample_demonstrations(10, range(10), k=9, seed=3, same_split=True)
+  assert a == prompts.sample_demonstrations(10, range(10), k=9, seed=3, same_split=True)
   for i, picks in enumerate(a):
     assert sorted(picks) == [j for j in range(10) if j != i]  # all others, never itself
-  b = pe.sample_demonstrations(50, range(20), k=4, seed=0, same_split=True)
+  b = prompts.sample_demonstrations(50, range(20), k=4, seed=0, same_split=True)
   assert all(i not in picks and len(set(picks)) == 4 for i, picks in enumerate(b))
-  assert b != pe.sample_demonstrations(50, range(20), k=4, seed=1, same_split=True)
+  assert b != prompts.sample_demonstrations(50, range(20), k=4, seed=1, same_split=True)
   # An example's demonstrations depend on its index, not on which others are scored.
-  assert pe.sample_demonstrations(50, [7], k=4, seed=0, same_split=True)[0] == b[7]
+  assert prompts.sample_demonstrations(50, [7], k=4, seed=0, same_split=True)[0] == b[7]
   # Another split may use the whole train split.
-  c = pe.sample_demonstrations(5, range(3), k=5, seed=0, same_split=False)
+  c = prompts.sample_demonstrations(5, range(3), k=5, seed=0, same_split=False)
   assert all(sorted(picks) == list(range(5)) for picks in c)
 
 
 def test_prompt_layout_and_verbalizer_continuation():
-  template = pe.Template.parse("Review: {text}\nSentiment: {label}.")
+  template = prompts.Template.parse("Review: {text}\nSentiment: {label}.")
   assert template.gap == " "
-  prompt = pe.build_prompt(template, "\n\n", "fine", [("bad", "negative"), ("good", "positive")])
+  prompt = prompts.build_prompt(template, "\n\n", "fine",
+                                [("bad", "negative"), ("good", "positive")])
   assert prompt == ("Review: bad\nSentiment: negative.\n\nReview: good\nSentiment: positive."
                     "\n\nReview: fine\nSentiment:")
-  assert pe.Template.parse("{text}\n{label}").gap == "\n"
-  assert pe.unescape(r"{text}\nLabel:\t{label}\\n") == "{text}\nLabel:\t{label}\\n"
+  assert prompts.Template.parse("{text}\n{label}").gap == "\n"
+  assert prompts.unescape(r"{text}\nLabel:\t{label}\\n") == "{text}\nLabel:\t{label}\\n"
 
 
 def test_sum_and_mean_scoring(loaded):
   # By hand: "a" (1 token, -2) wins on the sum, "b" (3 tokens, -3 = -1 per token) on the mean.
   logprobs = np.array([[-2.0, -3.0]])
-  assert pe.candidate_scores(logprobs, [1, 3], "sum").tolist() == [[-2.0, -3.0]]
-  assert pe.candidate_scores(logprobs, [1, 3], "mean").tolist() == [[-2.0, -1.0]]
+  assert prompt_scoring.candidate_scores(logprobs, [1, 3], "sum").tolist() == [[-2.0, -3.0]]
+  assert prompt_scoring.candidate_scores(logprobs, [1, 3], "mean").tolist() == [[-2.0, -1.0]]
 
   model, params, tok = loaded
   train = [{"text": "the match", "label": "sport"}, {"text": "the vote", "label": "politics"}]
   examples = [{"text": "a goal", "label": "sport"}, {"text": "the bill", "label": "politics"}]
   verbalizer = {"sport": "Sport", "politics": "Parliamentary politics and government"}
   results = {}
-  for method in pe.SCORINGS:
-    results[method] = pe.evaluate(model, params, tok, train, examples, ["politics", "sport"],
-                                  verbalizer, pe.Options(k=1, scoring=method))
+  for method in prompt_scoring.SCORINGS:
+    results[method] = prompting.classify(model, params, tok, train, examples, ["politics", "sport"],
+                                  verbalizer, prompting.Options(k=1, scoring=method))
   counts = results["sum"]["candidate_tokens"]
   assert counts["sport"] == 1 and counts["politics"] > 3
   for method, divide in (("sum", lambda lp, n: lp), ("mean", lambda lp, n: lp / n)):
@@ -130,32 +132,32 @@ def test_errors_name_the_flag_and_fix(tmp_path, loaded):
   model, params, tok = loaded
   labels = ["business", "sport"]
   with pytest.raises(ValueError, match=r"--verbalizer has no words for label\(s\) \['sport'\]"):
-    pe.parse_verbalizer("business=Business", labels)
+    prompts.parse_verbalizer("business=Business", labels)
   with pytest.raises(ValueError, match=r"--verbalizer names label\(s\) \['tech'\] that are not "
                                        "in the dataset"):
-    pe.parse_verbalizer("business=Business,sport=Sport,tech=Tech", labels)
+    prompts.parse_verbalizer("business=Business,sport=Sport,tech=Tech", labels)
   with pytest.raises(ValueError, match="same words"):
-    pe.parse_verbalizer("business=Sport,sport=Sport", labels)
+    prompts.parse_verbalizer("business=Sport,sport=Sport", labels)
   (tmp_path / "v.json").write_text(json.dumps({"business": "Money", "sport": "Games"}))
-  assert pe.parse_verbalizer(str(tmp_path / "v.json"), labels) == {"business": "Money",
+  assert prompts.parse_verbalizer(str(tmp_path / "v.json"), labels) == {"business": "Money",
                                                                     "sport": "Games"}
   with pytest.raises(ValueError, match=r"--k=4 .* the train split has 3 \(less the evaluated "
                                        r"example itself\); lower --k to at most 3"):
-    pe.sample_demonstrations(4, range(4), k=4, seed=0, same_split=True)
+    prompts.sample_demonstrations(4, range(4), k=4, seed=0, same_split=True)
   with pytest.raises(ValueError, match=r"--k=5 .* train split has 4; lower --k"):
-    pe.sample_demonstrations(4, range(2), k=5, seed=0, same_split=False)
+    prompts.sample_demonstrations(4, range(2), k=5, seed=0, same_split=False)
   with pytest.raises(ValueError, match="the test split holds no examples"):
-    pe.evaluate(model, params, tok, [{"text": "x", "label": "sport"}], [], labels)
+    prompting.classify(model, params, tok, [{"text": "x", "label": "sport"}], [], labels)
   with pytest.raises(ValueError, match=r"--max_len=128 exceeds the model's n_positions=64"):
-    pe.evaluate(model, params, tok, [{"text": "x", "label": "sport"}],
-                [{"text": "y", "label": "sport"}], labels, options=pe.Options(max_len=128))
+    prompting.classify(model, params, tok, [{"text": "x", "label": "sport"}],
+                [{"text": "y", "label": "sport"}], labels, options=prompting.Options(max_len=128))
   with pytest.raises(ValueError, match=r"--template=.*needs a \{text\} field and then one "
                                        r"\{label\}"):
-    pe.Template.parse("{text} is it")
+    prompts.Template.parse("{text} is it")
   with pytest.raises(ValueError, match="the label must come last"):
-    pe.Template.parse("{label}: {text}")
+    prompts.Template.parse("{label}: {text}")
   with pytest.raises(ValueError, match=r"only \{text\} and \{label\}"):
-    pe.Template.parse("{text} {topic} {label}")
+    prompts.Template.parse("{text} {topic} {label}")
 
   # Not a causal LM: an HF classifier, a BERT, a fine-tuning run.
   for name, config in (("cls", {"model_type": "gpt2",
@@ -164,16 +166,16 @@ def test_errors_name_the_flag_and_fix(tmp_path, loaded):
     (tmp_path / name).mkdir()
     (tmp_path / name / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"--init_from=.* not a causal LM"):
-      pe.load_model(init_from=str(tmp_path / name))
+      prompting.load_model(init_from=str(tmp_path / name))
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "config.json").write_text(json.dumps({"task": "classification"}))
   with pytest.raises(ValueError, match=r"--workdir=.* trained a classification model.*causal"):
-    pe.load_model(workdir=str(tmp_path / "run"))
+    prompting.load_model(workdir=str(tmp_path / "run"))
   with pytest.raises(ValueError, match="exactly one of --workdir"):
-    pe.load_model()
+    prompting.load_model()
   # The data loader's messages speak of this CLI's flags.
   with pytest.raises(FileNotFoundError, match=r"^--train='.*missing.jsonl' is not a file"):
-    pe.load_data(pe.data_config(train=str(tmp_path / "missing.jsonl")))
+    prompting.load_data(prompting.data_config(train=str(tmp_path / "missing.jsonl")))
 
 
 def test_cli_end_to_end_on_jsonl(tmp_path, hf_dir, loaded):
@@ -200,7 +202,7 @@ def test_cli_end_to_end_on_jsonl(tmp_path, hf_dir, loaded):
                                         for p in result["predictions"]])
 
   # The same data through run(): zero-shot, and its numbers are the reference model's.
-  result = pe.run(init_from=path, train=str(tmp_path / "train.jsonl"),
+  result = prompting.run(init_from=path, train=str(tmp_path / "train.jsonl"),
                   test=str(tmp_path / "test.jsonl"), data_dir=str(tmp_path / "tfds"),
                   verbalizer="pos=positive,neg=negative")
   _, _, tok = loaded
@@ -216,11 +218,13 @@ def test_truncated_prompts_are_counted_and_logged(loaded, caplog):
   train = [{"text": "word " * 60, "label": "a"}, {"text": "short", "label": "b"}]
   examples = [{"text": "one", "label": "a"}, {"text": "two " * 80, "label": "b"}]
   with caplog.at_level("WARNING", logger="jaxft"):
-    result = pe.evaluate(model, params, tok, train, examples, ["a", "b"], options=pe.Options())
+    result = prompting.classify(model, params, tok, train, examples, ["a", "b"],
+                                options=prompting.Options())
   assert result["truncated_prompts"] == 1
   assert "1 of 2 prompts were longer than the 64-token context" in caplog.text
   assert "shorten --template or the texts" in caplog.text
   caplog.clear()
   with caplog.at_level("WARNING", logger="jaxft"):
-    result = pe.evaluate(model, params, tok, train, examples, ["a", "b"], options=pe.Options(k=2))
+    result = prompting.classify(model, params, tok, train, examples, ["a", "b"],
+                                options=prompting.Options(k=2))
   assert result["truncated_prompts"] == 2 and "lower --k" in caplog.text

@@ -6,8 +6,8 @@ import pathlib
 import numpy as np
 
 from jaxft.data import synthetic_icl as icl
+from jaxft.data.prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, Template
 from jaxft.data.tokenizer import load_tokenizer
-from jaxft.prompt_eval import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, Template
 
 
 def _read(path):

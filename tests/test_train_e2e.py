@@ -10,7 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from jaxft import checkpoint, metrics, optim, train
+from jaxft import train
+from jaxft.run import checkpoint, optim
+from jaxft.run import workdir as workdir_lib
+from tests import helpers
 from tests.helpers import ROOT, train_config, write_corpus
 
 
@@ -25,7 +28,7 @@ def test_run_writes_everything_a_user_looks_at(tmp_path, capsys):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
   info = json.load(open(os.path.join(workdir, "run_info.json")))
   assert info["packages"]["jax"] and info["git_sha"]
-  records = metrics.read_metrics(workdir)
+  records = workdir_lib.read_metrics(workdir)
   assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 7))
   assert [r["step"] for r in records if "val/loss" in r] == [3, 6]
   assert all("train/tokens_per_s" in r for r in records if "train/loss" in r and r["step"] > 1)
@@ -33,7 +36,7 @@ def test_run_writes_everything_a_user_looks_at(tmp_path, capsys):
   assert "final validation loss" in out and "unigram baseline" in out
   assert out.count("--- sample ---") == len(config.sample.prompts)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # keep-N
-  saved_config, _, params = checkpoint.load_params(workdir)
+  saved_config, _, params = helpers.open_trained(workdir)
   assert saved_config.num_steps == 6
   assert params["params"]["transformer"]["wte"]["embedding"].shape == (50257, 32)
 
@@ -49,7 +52,7 @@ def _train_cmd(workdir, corpus, tfds_dir, steps):
 
 
 def _logged_losses(workdir):
-  return [(r["step"], r["train/loss"]) for r in metrics.read_metrics(workdir)
+  return [(r["step"], r["train/loss"]) for r in workdir_lib.read_metrics(workdir)
           if "train/loss" in r]
 
 
@@ -80,8 +83,8 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path):
                  capture_output=True)
 
   assert _logged_losses(killed) == _logged_losses(straight)  # exact floats, every step
-  _, _, p_straight = checkpoint.load_params(straight)
-  _, _, p_killed = checkpoint.load_params(killed)
+  _, _, p_straight = helpers.open_trained(straight)
+  _, _, p_killed = helpers.open_trained(killed)
   import jax
   for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_killed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -103,7 +106,7 @@ def test_nonfinite_loss_halts_and_keeps_the_last_good_checkpoint(tmp_path, monke
                            r"step 4"):
     train.train_and_evaluate(config, workdir)
   assert checkpoint.Checkpointer(workdir, 3).latest_step() == 4
-  _, _, params = checkpoint.load_params(workdir)
+  _, _, params = helpers.open_trained(workdir)
   import jax
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
@@ -156,8 +159,10 @@ def test_resuming_with_another_model_layout_is_refused_and_init_from_converts(tm
   a clear error, nothing lost; --config.init_from=<workdir> converts its weights instead."""
   import jax
 
-  from jaxft import hf, init_from, sharding, tasks
-  from jaxft import state as state_lib
+  from jaxft import hf, tasks
+  from jaxft.parallel import sharding
+  from jaxft.run import loader
+  from jaxft.run import state as state_lib
 
   config = train_config(tmp_path, num_steps=2, eval_every=100, checkpoint_every=2)
   config.model.scan_layers = True
@@ -184,14 +189,14 @@ def test_resuming_with_another_model_layout_is_refused_and_init_from_converts(tm
     f.write(original)
   config.model.scan_layers = False
 
-  _, _, trained = checkpoint.load_params(scanned)
+  _, _, trained = helpers.open_trained(scanned)
   assert trained["params"]["transformer"]["h"]["attn"]["query"]["kernel"].ndim == 4
   config.init_from = scanned
-  config = init_from.resolve(config)
+  config = loader.resolve(config)
   task = tasks.make_task(config)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   lay = state_lib.layout(task, config.seq_len, mesh, config.axis_rules)
-  start = init_from.initial_variables(task, config, lay)["params"]
+  start = loader.initial_variables(task, config, lay)["params"]
   assert "h_1" in start["transformer"]
   expected = hf.to_hf_tensors(trained["params"])
   for name, tensor in hf.to_hf_tensors(start).items():

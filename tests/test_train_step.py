@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxft import hf, optim, sharding, steps, tasks
-from jaxft import state as state_lib
+from jaxft import hf, tasks
+from jaxft.parallel import sharding
+from jaxft.run import optim, steps
+from jaxft.run import state as state_lib
 from tests.helpers import random_batch, tiny_config
 
 

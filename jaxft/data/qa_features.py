@@ -154,6 +154,8 @@ def featurize_qa(examples: Sequence[Mapping], tokenizer: Tokenizer, max_len: int
   answers, and postprocess_qa + references score predictions against all of them.
   Answers are validated in both modes (ValueError on an answer not at its answer_start).
   """
+  # One piece (~100 lines): it follows HF's run_qa prepare_*_features step by step, which
+  # is what its tests compare against; split, the correspondence would be harder to check.
   if max_question_len < 1:
     raise ValueError(f"max_question_len={max_question_len} must be at least 1")
   if doc_stride < 0:
@@ -247,6 +249,8 @@ def postprocess_qa(examples: Sequence[Mapping], features: Mapping[str, np.ndarra
   score > `null_threshold`. An example with no valid span at all gets "" as well, with score
   -inf without version_2.
   """
+  # One piece, like HF's postprocess_qa_predictions that it reproduces (n-best per window,
+  # the best span across windows, the null score for v2).
   start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
   shape = np.shape(features["inputs"])
   if start_logits.shape != shape or end_logits.shape != shape:

@@ -53,9 +53,11 @@ import json
 import os
 
 import numpy as np
+import tokenizers
 from absl import app, flags
+from tokenizers import Regex, decoders, models, pre_tokenizers
 
-from jaxft.prompt_eval import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, Template
+from jaxft.data.prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, Template
 
 CATEGORIES = {
     "animal": ("cat", "dog", "horse", "cow", "sheep", "goat"),
@@ -134,9 +136,6 @@ def _vocabulary() -> list[str]:
 def write_tokenizer(out_dir: str) -> None:
   """A word-level tokenizer: a word with the space before it is one token, as in GPT-2's BPE,
   so prompt_eval's " animal" after "Label:" is the token the corpus has there."""
-  import tokenizers
-  from tokenizers import Regex, decoders, models, pre_tokenizers
-
   vocab = {t: i for i, t in enumerate(_vocabulary())}
   assert len(vocab) <= VOCAB_SIZE, len(vocab)
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=UNK))

@@ -11,6 +11,7 @@ file or an option rebuilds, and an unchanged corpus is read from the cache.
 """
 
 import dataclasses
+import fcntl
 import glob
 import gzip
 import hashlib
@@ -92,7 +93,7 @@ def resolve_sources(data_cfg) -> Sources:
                  int(data_cfg.chunk_chars))
 
 
-def _open_text(path: str):
+def open_text(path: str):
   if path.endswith(".gz"):
     return gzip.open(path, "rt", encoding="utf-8")
   if path.endswith(".xz"):
@@ -103,11 +104,11 @@ def _open_text(path: str):
 def read_documents(path: str, text_field: str):
   """Yields (document id, text) of one file."""
   if path.endswith(TEXT_SUFFIXES):
-    with _open_text(path) as f:
+    with open_text(path) as f:
       yield path, f.read()
     return
   field = "config.data.text_field"
-  with _open_text(path) as f:
+  with open_text(path) as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -220,8 +221,6 @@ def prepare(builder, data_dir: str) -> None:
   """builder.download_and_prepare() holding a lock file in data_dir: processes that share the
   directory (several per host, or hosts on a shared disk) build a dataset once; the others wait
   for the lock and then find it prepared."""
-  import fcntl
-
   os.makedirs(data_dir, exist_ok=True)
   with open(os.path.join(data_dir, ".jaxft-build.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)

@@ -5,7 +5,8 @@ add), exact (erf) GELU, bidirectional attention limited to non-padding tokens, a
 over the first ([CLS]) token. `BertModel.__call__` returns (hidden states [B, T, D], pooled
 [B, D]); task heads own everything after that. q/k/v are [embed, heads, head_dim] kernels as in
 jaxft's GPT-2, so tensor parallelism shards whole heads; `jaxft.hf` transposes HF's nn.Linear
-(out, in) weights into them.
+(out, in) weights into them. Attention itself (the mask from segment ids, the PEFT prefix hook,
+the kernel that `attention_impl` picks) lives in jaxft/models/attention.py.
 """
 
 import dataclasses
@@ -15,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxft import sharding
-from jaxft.models import layers
+from jaxft.models import attention, layers
 from jaxft.models.dropout import Dropout
+from jaxft.parallel import sharding
 
 Dtype = Any
 
@@ -40,10 +41,18 @@ class BertConfig:
   scan_layers: bool = False  # one nn.scan over the layers (compiles once; params [layers, ...])
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "xla"  # attention.IMPLEMENTATIONS: the kernel (compute only)
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
+
+  @property
+  def attention_spec(self) -> attention.Spec:
+    return attention.Spec(self.attention_impl, causal=False,
+                          dropout_rate=self.attention_probs_dropout_prob,
+                          dropout_field="config.model.attention_probs_dropout_prob",
+                          dtype=self.dtype)
 
 
 def _init(cfg: BertConfig, axes):
@@ -67,8 +76,8 @@ class Attention(nn.Module):
   cfg: BertConfig
 
   @nn.compact
-  def __call__(self, x, attend, *, deterministic: bool):
-    """x [B, T, D]; attend [B, Tq, Tk] bool."""
+  def __call__(self, x, segment_ids, *, deterministic: bool):
+    """x [B, T, D]; segment_ids [B, T] (0 = padding)."""
     cfg = self.cfg
     proj = lambda name: nn.DenseGeneral(  # noqa: E731
         (cfg.num_attention_heads, cfg.head_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -76,12 +85,8 @@ class Attention(nn.Module):
         bias_init=_zeros(("heads", "kv")))
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # [B, T, H, Dh]
     q = sharding.constrain(q, ("batch", "length", "act_heads", "kv"))
-    k, v, attend = layers.ExtendKeys(name="extend_keys")(k, v, attend)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
-    scores = jnp.where(attend[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(cfg.dtype), v)
+    out = attention.attend(self, q, k, v, segment_ids, cfg.attention_spec,
+                           deterministic=deterministic)  # [B, T, H, Dh]
     out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, name="out",
                           kernel_init=_init(cfg, ("heads", "kv", "embed")),
@@ -108,10 +113,10 @@ class Layer(nn.Module):
 
   @nn.compact
   # The signature layers.block_stack expects (decode unused: BERT keeps no KV cache).
-  def __call__(self, x, attend, deterministic: bool, decode: bool = False):
+  def __call__(self, x, segment_ids, deterministic: bool, decode: bool = False):
     del decode
     cfg = self.cfg
-    x = Attention(cfg, name="attn")(x, attend, deterministic=deterministic)
+    x = Attention(cfg, name="attn")(x, segment_ids, deterministic=deterministic)
     # attn/* and mlp/* scopes as in GPT-2, so PEFT target patterns read the same for both.
     h = MLP(cfg, name="mlp")(x, deterministic=deterministic)
     out = LayerNorm(cfg, name="ln")(h + x)
@@ -152,11 +157,9 @@ class BertModel(nn.Module):
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
     length = x.shape[1]
     x, segment_ids = layers.ExtendInputs(name="extend_inputs")(x, segment_ids)
-    attend = ((segment_ids[:, :, None] == segment_ids[:, None, :])
-              & (segment_ids[:, None, :] > 0))  # [B, Tq, Tk]
     stack = layers.block_stack(Layer, cfg, cfg.num_hidden_layers, name="layer", remat=cfg.remat,
                                scan=cfg.scan_layers)
-    x = layers.run_blocks(stack, x, attend, deterministic)
+    x = layers.run_blocks(stack, x, segment_ids, deterministic)
     x = x[:, x.shape[1] - length:]  # drop what ExtendInputs prepended
     if not self.add_pooling_layer:
       return x, None

@@ -6,8 +6,9 @@ residual). q/k/v are separate [embed, heads, head_dim] kernels instead of HF's p
 that tensor parallelism shards whole heads; `jaxft.hf` splits and packs them on conversion.
 
 Every parameter carries logical axis names (see `configs/*.py` for the rules that map them to
-the mesh). With `decode=True` the attention keeps a KV cache in the "cache" collection: the same
-code path serves prefill (T > 1) and single-token decoding (T = 1).
+the mesh). Attention itself (masks from segment ids, the KV cache that `decode=True` keeps in the
+"cache" collection for prefill and single-token decoding, the PEFT prefix hook, the kernel that
+`attention_impl` picks) lives in jaxft/models/attention.py; this module owns the projections.
 """
 
 import dataclasses
@@ -17,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxft import sharding
-from jaxft.models import layers
+from jaxft.models import attention, layers
 from jaxft.models.dropout import Dropout
+from jaxft.parallel import sharding
 
 Dtype = Any
 
@@ -40,10 +41,16 @@ class GPT2Config:
   param_dtype: Dtype = jnp.float32
   remat: str = "none"  # layers.REMAT_POLICIES: what the backward pass keeps of each block
   scan_layers: bool = False  # one nn.scan over the blocks (compiles once; params [n_layer, ...])
+  attention_impl: str = "xla"  # attention.IMPLEMENTATIONS: the kernel (compute only)
 
   @property
   def head_dim(self) -> int:
     return self.n_embd // self.n_head
+
+  @property
+  def attention_spec(self) -> attention.Spec:
+    return attention.Spec(self.attention_impl, causal=True, dropout_rate=self.attn_pdrop,
+                          dropout_field="config.model.attn_pdrop", dtype=self.dtype)
 
 
 def _dense_init(cfg: GPT2Config, scale: float = 1.0):
@@ -70,52 +77,14 @@ class Attention(nn.Module):
         bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")))
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # [B, T, H, Dh]
     q = sharding.constrain(q, ("batch", "length", "act_heads", "kv"))
-
-    if decode:
-      k, v, key_valid, query_slot, key_slot = self._update_cache(k, v, segment_ids)
-      mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & key_valid[:, None, :]
-    else:
-      t = x.shape[1]
-      causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
-      same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-      mask = causal & same_segment  # [B, Tq, Tk]
-    # After the cache: a prefix is never written into it, so it serves every decoding step.
-    k, v, mask = layers.ExtendKeys(name="extend_keys")(k, v, mask)
-
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim)
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic).astype(cfg.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, T, H, Dh]
+    out = attention.attend(self, q, k, v, segment_ids, cfg.attention_spec,
+                           deterministic=deterministic, decode=decode)  # [B, T, H, Dh]
     out = nn.DenseGeneral(
         cfg.n_embd, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="out",
         kernel_init=_partitioned(_dense_init(cfg, (2 * cfg.n_layer) ** -0.5),
                                  ("heads", "kv", "embed")),
         bias_init=_partitioned(nn.initializers.zeros, ("embed",)))(out)
     return Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
-
-  def _update_cache(self, k, v, segment_ids):
-    """Writes this call's keys/values at the cache cursor; returns the whole cache and masks.
-
-    The cache is sized at init time (the length of the dummy input given to `model.init` with
-    decode=True). Padding tokens (segment id 0, e.g. left-padded prompts) are marked invalid so
-    that no later query attends to them.
-    """
-    b, t, h, d = k.shape
-    is_init = not self.has_variable("cache", "cached_key")
-    cached_k = self.variable("cache", "cached_key", jnp.zeros, (b, t, h, d), k.dtype)
-    cached_v = self.variable("cache", "cached_value", jnp.zeros, (b, t, h, d), v.dtype)
-    valid = self.variable("cache", "valid", jnp.zeros, (b, t), bool)
-    index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
-    max_len = cached_k.value.shape[1]
-    if is_init:
-      return k, v, segment_ids != 0, jnp.arange(t), jnp.arange(t)
-    i = index.value
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
-    valid.value = jax.lax.dynamic_update_slice(valid.value, segment_ids != 0, (0, i))
-    index.value = i + t
-    return cached_k.value, cached_v.value, valid.value, i + jnp.arange(t), jnp.arange(max_len)
 
 
 class MLP(nn.Module):

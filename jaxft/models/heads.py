@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxft import sharding
 from jaxft.models import bert, gpt2
 from jaxft.models.dropout import Dropout
+from jaxft.parallel import sharding
 
 
 def _dropout_rate(cfg: bert.BertConfig) -> float:

@@ -41,12 +41,13 @@ class ExtendInputs(nn.Module):
 
 
 class ExtendKeys(nn.Module):
-  """Extension point inside attention: may prepend key/value positions that every query sees
-  (PEFT prefix tuning, jaxft/peft/prompts.py). Identity here; no parameters of its own."""
+  """Extension point inside attention (jaxft/models/attention.py, after the KV cache): may
+  prepend key/value positions that every query sees (PEFT prefix tuning, jaxft/peft/prompts.py).
+  Identity here; no parameters of its own."""
 
   @nn.compact
   def __call__(self, k, v, mask):
-    """k, v [B, Tk, H, Dh], mask [B, Tq, Tk] -> the same with Tk grown by the prefix."""
+    """k, v [B, Tk, K, H] (K KV heads), mask [B, Tq, Tk] -> the same with Tk grown."""
     return k, v, mask
 
 

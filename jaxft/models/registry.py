@@ -5,9 +5,21 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
-from jaxft.models import bert, gpt2, heads
+from jaxft.models import attention, bert, gpt2, heads
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  config: type  # the frozen dataclass config.model fills (defaults: the family's own)
+  heads_divide: tuple[str, str]  # (width field, head-count field): heads must divide the width
+
+
+# config.model.family -> its config; a new family is a line here and its HEADS lines below.
+FAMILIES = {
+    "gpt2": Family(gpt2.GPT2Config, ("n_embd", "n_head")),
+    "bert": Family(bert.BertConfig, ("hidden_size", "num_attention_heads")),
+}
 
 # (family, head) -> (jaxft module, the transformers class with the same tensors).
 HEADS = {
@@ -35,23 +47,8 @@ def _dataclass_from(cls, model_cfg: ml_collections.ConfigDict):
   kwargs = {k: v for k, v in model_cfg.items() if k in fields}
   kwargs["dtype"] = _dtype(model_cfg.get("dtype", "float32"), "config.model.dtype")
   kwargs["param_dtype"] = jnp.float32
+  attention.check_impl(kwargs.get("attention_impl", "xla"))
   return cls(**kwargs)
-
-
-def gpt2_config(model_cfg: ml_collections.ConfigDict) -> gpt2.GPT2Config:
-  cfg = _dataclass_from(gpt2.GPT2Config, model_cfg)
-  if cfg.n_embd % cfg.n_head:
-    raise ValueError(f"config.model.n_embd={cfg.n_embd} must be divisible by "
-                     f"config.model.n_head={cfg.n_head}")
-  return cfg
-
-
-def bert_config(model_cfg: ml_collections.ConfigDict) -> bert.BertConfig:
-  cfg = _dataclass_from(bert.BertConfig, model_cfg)
-  if cfg.hidden_size % cfg.num_attention_heads:
-    raise ValueError(f"config.model.hidden_size={cfg.hidden_size} must be divisible by "
-                     f"config.model.num_attention_heads={cfg.num_attention_heads}")
-  return cfg
 
 
 def hf_architecture(family: str, head: str) -> str:
@@ -67,14 +64,21 @@ def _check(family: str, head: str) -> None:
 
 def _family(model_cfg: ml_collections.ConfigDict) -> str:
   family = model_cfg.get("family", "gpt2")
-  if family not in ("gpt2", "bert"):
-    raise ValueError(f"config.model.family={family!r} is unknown; jaxft has: gpt2, bert")
+  if family not in FAMILIES:
+    raise ValueError(f"config.model.family={family!r} is unknown; jaxft has: "
+                     f"{', '.join(FAMILIES)}")
   return family
 
 
 def model_config(model_cfg: ml_collections.ConfigDict):
   """config.model -> the family's frozen dataclass (GPT2Config / BertConfig), checked."""
-  return gpt2_config(model_cfg) if _family(model_cfg) == "gpt2" else bert_config(model_cfg)
+  family = FAMILIES[_family(model_cfg)]
+  cfg = _dataclass_from(family.config, model_cfg)
+  width, heads_field = family.heads_divide
+  if getattr(cfg, width) % getattr(cfg, heads_field):
+    raise ValueError(f"config.model.{width}={getattr(cfg, width)} must be divisible by "
+                     f"config.model.{heads_field}={getattr(cfg, heads_field)}")
+  return cfg
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, head: str = "causal_lm",
@@ -89,3 +93,25 @@ def build_model(model_cfg: ml_collections.ConfigDict, head: str = "causal_lm",
       raise ValueError(f"a {head} head needs at least one label (got {num_labels})")
     return module(cfg, num_labels), cfg
   return module(cfg), cfg
+
+
+# Hugging Face classes without a head of their own whose weights serve a jaxft head as they are
+# (GPT2Model: the LM head is the tied token embedding).
+_HEADLESS = {"GPT2Model": ("gpt2", "causal_lm")}
+# config.json without "architectures": the class its model_type usually means.
+_DEFAULT_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel"}
+
+
+def head_of_architecture(architecture: str, model_type: str = "") -> tuple[str, str, str]:
+  """(family, head, jaxft's transformers class) for a Hugging Face class name (config.json
+  "architectures"; empty = the usual class of `model_type`). Raises naming what jaxft reads."""
+  architecture = architecture or _DEFAULT_ARCHITECTURE.get(model_type, "")
+  if architecture in _HEADLESS:
+    family, head = _HEADLESS[architecture]
+    return family, head, HEADS[(family, head)][1]
+  for (family, head), (_, name) in HEADS.items():
+    if name == architecture:
+      return family, head, name
+  known = sorted({name for _, name in HEADS.values()} | set(_HEADLESS))
+  raise ValueError(f"config.json names {architecture or f'model_type={model_type!r}'}, which "
+                   f"has no jaxft task head; jaxft opens {', '.join(known)}")

@@ -1,14 +1,13 @@
 """Parameter-efficient fine-tuning, chosen by config.peft.method; see jaxft/peft/base.py."""
 
 from jaxft.peft.adapters import Adapter
-from jaxft.peft.base import COLLECTION, Bound, Method, bind, combine, count, flat, nbytes, split
+from jaxft.peft.base import COLLECTION, Bound, Method, bind
 from jaxft.peft.lora import AdaLoRA, LoRA
 from jaxft.peft.prompts import Prefix, Prompt
 
 METHODS = {m.name: m for m in (Method, LoRA, AdaLoRA, Adapter, Prefix, Prompt)}
 
-__all__ = ["COLLECTION", "METHODS", "Bound", "Method", "bind", "combine", "count", "flat",
-           "make", "nbytes", "split"]
+__all__ = ["COLLECTION", "METHODS", "Bound", "Method", "bind", "make"]
 
 
 def make(peft_cfg) -> Method:

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxft.peft.base import COLLECTION, by_module, flat
+from jaxft.parallel import distributed
+from jaxft.peft.base import COLLECTION
+from jaxft.trees import by_module, flat
 
 
 class AllocatorState(NamedTuple):
@@ -112,8 +114,6 @@ def rank_pattern(opt_state) -> dict[str, int] | None:
   """{module path: ranks kept} from a train state's optimizer state (None if not AdaLoRA)."""
   if not isinstance(opt_state, AllocatorState):
     return None
-  from jaxft import distributed
-
   pattern = {}
   for k, v in flat(distributed.to_host(opt_state.keep)).items():
     path = "/".join(k[:-1])

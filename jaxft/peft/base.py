@@ -20,52 +20,12 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from jaxft.trees import flat, path_str
+
 COLLECTION = "peft"
-
-
-# -- trainable / frozen --------------------------------------------------------------------------
-
-def flat(tree: Mapping) -> dict[tuple[str, ...], object]:
-  return traverse_util.flatten_dict(dict(tree)) if tree else {}
-
-
-def split(tree: Mapping, mask: Mapping) -> tuple[dict, dict]:
-  """(leaves where mask is True, the others), each a nested dict of the same paths as `tree`."""
-  leaves, keep = flat(tree), flat(mask)
-  trainable = {k: v for k, v in leaves.items() if keep[k]}
-  frozen = {k: v for k, v in leaves.items() if not keep[k]}
-  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
-
-
-def by_module(tree: Mapping) -> dict[tuple, dict]:
-  """{module path: {leaf name: leaf}} of a "peft" subtree (leaves grouped by the layer they
-  adapt)."""
-  out: dict[tuple, dict] = {}
-  for key, value in flat(tree).items():
-    out.setdefault(key[:-1], {})[key[-1]] = value
-  return out
-
-
-def combine(frozen: Mapping, trainable: Mapping) -> dict:
-  """The model's variables again: the union of the two disjoint trees."""
-  return traverse_util.unflatten_dict({**flat(frozen), **flat(trainable)})
-
-
-def path_str(path: tuple[str, ...]) -> str:
-  return "/".join(str(p) for p in path)
-
-
-def count(tree: Mapping) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def nbytes(tree) -> int:
-  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
-                 if hasattr(x, "shape")))
 
 
 # -- methods -------------------------------------------------------------------------------------
@@ -178,6 +138,11 @@ class Method:
                        "transformers model has, so it cannot be merged into one; save the "
                        "adapter instead (python -m jaxft.export --adapter_only)")
     return {"params": variables["params"]}
+
+  def final_report(self, opt_state) -> str | None:
+    """A line for the end of training about what the method learned (AdaLoRA: the ranks it
+    kept per module), from the final optimizer state; None: nothing to say."""
+    return None
 
   def describe(self) -> str:
     return self.name

@@ -18,15 +18,9 @@ from flax import linen as nn
 from flax import traverse_util
 
 from jaxft.models.dropout import dropout
-from jaxft.peft.base import (
-  COLLECTION,
-  Method,
-  by_module,
-  flat,
-  logical_names,
-  module_path,
-  peft_variable,
-)
+from jaxft.peft import adalora
+from jaxft.peft.base import COLLECTION, Method, logical_names, module_path, peft_variable
+from jaxft.trees import by_module, flat
 
 
 def _sides(module: nn.Module, x) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
@@ -174,9 +168,13 @@ class AdaLoRA(LoRA):
     return weight * jnp.concatenate(norms).mean()
 
   def wrap_optimizer(self, tx, num_steps: int):
-    from jaxft.peft import adalora
-
     return adalora.rank_allocator(tx, self.cfg, num_steps, self.init_rank, self.rank)
+
+  def final_report(self, opt_state) -> str | None:
+    ranks = adalora.rank_pattern(opt_state)
+    if not ranks:
+      return None
+    return f"AdaLoRA ranks kept per module ({sum(ranks.values())} in all): {ranks}"
 
   def describe(self) -> str:
     return (f"adalora rank {self.init_rank} -> {self.rank} on average, alpha={self.cfg.alpha}, "

@@ -1,9 +1,10 @@
 """Prefix tuning (Li & Liang 2021) and prompt tuning (Lester et al. 2021).
 
 Both use the backbones' extension points (jaxft/models/layers.py), never their code:
-- prefix: every attention layer's `ExtendKeys` gets P learned key and value vectors per head,
-  seen by every query (padding and causality do not hide them). They are added after the KV
-  cache, so generation with a cache conditions every step on them (the cache never holds them).
+- prefix: every attention layer's `ExtendKeys` gets P learned key and value vectors per KV head
+  (jaxft/models/attention.py; with GQA the query heads of a group share them), seen by every
+  query (padding and causality do not hide them). They are added after the KV cache, so
+  generation with a cache conditions every step on them (the cache never holds them).
   With config.peft.prefix_projection = h > 0 each layer's prefix is an MLP (D -> h -> 2 D,
   tanh) of a learned [P, D] embedding, the reparameterisation the paper trains with; the MLP is
   what gets trained and saved.
@@ -39,7 +40,7 @@ class Prefix(Method):
     if not self.targets_call(context, layers.ExtendKeys):
       return out
     module, (k, v, mask) = context.module, out
-    b, _, h, dh = k.shape
+    b, _, h, dh = k.shape  # h: KV heads
     pk, pv = self._prefix(module, h, dh)  # [P, H, Dh] each
     p = pk.shape[0]
     k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype), (b, p, h, dh)), k], axis=1)

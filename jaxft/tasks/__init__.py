@@ -1,24 +1,30 @@
 """Tasks own the model head's loss, their data, evaluation outputs, metrics and final report;
-the train loop (jaxft/train.py) and steps.py only see the `Task` interface (jaxft/tasks/base.py).
-"""
+the train loop (jaxft/training/) and the steps (jaxft/run/steps.py) only see the `Task`
+interface (jaxft/tasks/base.py). A new objective is a Task subclass and one line here."""
 
 import ml_collections
 
-_TASKS = {
-    "causal_lm": ("jaxft.tasks.causal_lm", "CausalLM"),
-    "masked_lm": ("jaxft.tasks.masked_lm", "MaskedLM"),
-    "classification": ("jaxft.tasks.classification", "SequenceClassification"),
-    "token_classification": ("jaxft.tasks.token_classification", "TokenClassification"),
-    "question_answering": ("jaxft.tasks.question_answering", "QuestionAnswering"),
-}
+from jaxft.tasks.base import Task
+from jaxft.tasks.causal_lm import CausalLM
+from jaxft.tasks.classification import SequenceClassification
+from jaxft.tasks.masked_lm import MaskedLM
+from jaxft.tasks.question_answering import QuestionAnswering
+from jaxft.tasks.token_classification import TokenClassification
+
+# config.task -> the Task class.
+_TASKS = {cls.name: cls for cls in (CausalLM, MaskedLM, SequenceClassification,
+                                    TokenClassification, QuestionAnswering)}
+
+__all__ = ["Task", "make_task", "task_class"]
 
 
-def make_task(config: ml_collections.ConfigDict, labels: list[str] | None = None):
+def task_class(name: str) -> type[Task]:
+  if name not in _TASKS:
+    raise ValueError(f"config.task={name!r} is unknown; jaxft has: {', '.join(_TASKS)}")
+  return _TASKS[name]
+
+
+def make_task(config: ml_collections.ConfigDict, labels: list[str] | None = None) -> Task:
   """The task `config.task` names. `labels` (a trained run's label names, in id order) fixes
   the label set; without it a labelled task derives it from its data."""
-  import importlib
-
-  if config.task not in _TASKS:
-    raise ValueError(f"config.task={config.task!r} is unknown; jaxft has: {', '.join(_TASKS)}")
-  module, name = _TASKS[config.task]
-  return getattr(importlib.import_module(module), name)(config, labels=labels)
+  return task_class(config.task)(config, labels=labels)

@@ -1,22 +1,12 @@
-"""The interface every task implements. The train loop calls only these.
-
-    init(rng, seq_len)                      boxed variables of the model for a dummy batch
-                                            ({"params": ...} and, with PEFT, {"peft": ...})
-    loss(variables, batch, rng, deterministic)  (sum of losses, aux sums): aux has "weight" (what
-                                            the loss sum is divided by: tokens, examples),
-                                            "tokens" (real input tokens, for tokens/s) and
-                                            "correct" (accuracy numerator over weight)
-    train_iterator(seed, process_index, process_count)   endless checkpointable grain iterator
-    eval_batches(split, ...)                fixed-shape batches of a split, the same every call
-    eval_outputs(variables, batch)          jitted per batch; the host collects the outputs
-    summarize(outputs, split)               -> {metric: float}
-    report_split() / report(outputs, split) the held-out split scored with the best params at
-                                            the end, as a table and a JSON-able dict
-    finish(...)                             end-of-run report (baselines, tables, samples)
+"""The interface every task implements: the train loop (jaxft/training/), the steps
+(jaxft/run/steps.py), evaluation and the inference commands call nothing else of a task, and
+never ask which task it is; what differs between tasks is a method or a declared capability.
 
 Model calls go through `init` / `apply`, which carry the PEFT method of config.peft
 (jaxft/peft/): a task never knows which one it is.
 """
+
+import abc
 
 import jax.numpy as jnp
 import ml_collections
@@ -25,23 +15,54 @@ from jaxft import peft
 from jaxft.models.registry import build_model, hf_architecture
 
 
-class Task:
-  name = ""  # config.task
-  head = ""  # the registry head (jaxft/models/registry.py)
+class Task(abc.ABC):
+  name = ""  # config.task, and the head the model registry builds (jaxft/models/registry.py)
   # Early stopping default: (metric, "max" | "min"); config.early_stopping.metric overrides.
   default_metric = ("loss", "min")
   has_labels = False
   # Regex of the head's params (within "params"): trained even when PEFT freezes the backbone.
   trainable_head = ""
+  # Capabilities the inference commands check instead of a task's name:
+  generative = False  # a causal LM: jaxft.generate and prompt scoring accept it
+  prediction_fields: tuple[str, ...] = ()  # jaxft.predict: the string fields of an input record
+  # Library defaults where a config has none (opening a Hugging Face directory): the config.data
+  # fields the task reads, and the row length (0 = the model's context).
+  data_defaults: dict = {}
+  default_seq_len = 0
 
   def __init__(self, config: ml_collections.ConfigDict, labels: list[str] | None = None):
     self.config = config
     self.labels = labels
     num_labels = len(labels) if labels else 0
-    self.model, self.model_cfg = build_model(config.model, self.head, num_labels)
-    self.architecture = hf_architecture(config.model.get("family", "gpt2"), self.head)
+    self.model, self.model_cfg = build_model(config.model, self.name, num_labels)
+    self.architecture = hf_architecture(config.model.get("family", "gpt2"), self.name)
     self.peft = peft.make(config.get("peft"))
     self.peft.check_layout(bool(config.model.get("scan_layers", False)))
+
+  # -- what the train loop calls ----------------------------------------------------------------
+
+  @abc.abstractmethod
+  def loss(self, variables, batch, rng, deterministic: bool = False):
+    """(sum of losses, aux sums): aux has "weight" (what the loss sum is divided by: tokens,
+    examples; the step divides by the global weight, so gradient accumulation is exact),
+    "tokens" (real input tokens, for tokens/s) and "correct" (accuracy numerator over weight)."""
+
+  @abc.abstractmethod
+  def train_iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
+    """Endless checkpointable grain iterator of this process's rows of each global batch."""
+
+  @abc.abstractmethod
+  def eval_batches(self, split: str = "validation", process_index: int = 0,
+                   process_count: int = 1) -> list[dict]:
+    """Fixed-shape batches of a split, the same every call."""
+
+  @abc.abstractmethod
+  def eval_outputs(self, variables, batch) -> dict:
+    """Jitted per evaluation batch; the host collects the outputs for `summarize`/`report`."""
+
+  @abc.abstractmethod
+  def summarize(self, outputs, split: str = "validation") -> dict[str, float]:
+    """{metric: value} of one evaluation pass."""
 
   def num_train_examples(self) -> int | None:
     """Rows of one training epoch (None: a stream without epochs, e.g. packed LM text)."""
@@ -74,4 +95,40 @@ class Task:
     return "\n".join(f"{k}: {v:.4f}" for k, v in summary.items()), summary
 
   def finish(self, workdir: str, variables, val: dict, eval_batches) -> None:
-    """End of training (process 0): print what a user wants to see."""
+    """End of training (process 0): print what a user wants to see (default: nothing more
+    than the loop has logged)."""
+    del workdir, variables, val, eval_batches
+
+  def benchmark_batch(self, seed: int = 0) -> dict:
+    """A training batch for jaxft.bench: the first of the task's own training data (its loss
+    needs real labels); causal LM overrides it with random tokens (the step's time alone)."""
+    return next(self.train_iterator(seed))
+
+  def hf_inputs(self, batch: dict) -> dict:
+    """A training batch as the keyword arguments (numpy) of the task's transformers model, its
+    loss included: the peer jaxft.bench --torch times on the same batch."""
+    out = {"input_ids": batch["inputs"], "attention_mask": batch["segment_ids"] > 0}
+    if self.config.model.get("family", "gpt2") == "bert":
+      out["token_type_ids"] = batch["token_types"]
+    return {**out, **self.hf_labels(batch)}
+
+  def hf_labels(self, batch: dict) -> dict:
+    """The label keyword arguments of the transformers peer's loss."""
+    raise NotImplementedError(f"the {self.name} task has no transformers peer for --torch")
+
+  # -- jaxft.predict (tasks with prediction_fields) ---------------------------------------------
+
+  def prediction_inputs(self, records: list[dict]) -> list[dict]:
+    """Raw input records -> examples."""
+    raise NotImplementedError(f"the {self.name} task does not serve jaxft.predict")
+
+  def prediction_features(self, examples: list[dict]) -> dict:
+    """Examples -> featurised arrays (incl. what `predictions` reads back)."""
+    raise NotImplementedError(f"the {self.name} task does not serve jaxft.predict")
+
+  def prediction_batches(self, features: dict) -> list[dict]:
+    raise NotImplementedError(f"the {self.name} task does not serve jaxft.predict")
+
+  def predictions(self, examples, features, outputs) -> list[dict]:
+    """One JSON-able prediction per example, from eval_outputs over `features`."""
+    raise NotImplementedError(f"the {self.name} task does not serve jaxft.predict")

@@ -7,6 +7,8 @@ import numpy as np
 
 from jaxft import peft
 from jaxft.data import pipeline
+from jaxft.data.tokenizer import load_tokenizer
+from jaxft.models import generation
 from jaxft.models.lm_loss import lm_head_cross_entropy
 from jaxft.tasks.base import Task
 
@@ -23,14 +25,12 @@ class CausalLM(Task):
   """Batches follow the packed-row contract of jaxft/data/pipeline.py."""
 
   name = "causal_lm"
-  head = "causal_lm"
+  generative = True
 
   def __init__(self, config: ml_collections.ConfigDict, labels=None):
     super().__init__(config, labels)
     self.loss_chunk = config.get("lm_loss_chunk", 0)
     if config.data.tokenizer:
-      from jaxft.data.tokenizer import load_tokenizer
-
       if load_tokenizer(config.data.tokenizer).eos_id is None:
         raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r} has no end-of-text "
                          "token, which causal-LM packing puts between documents; use a GPT-2 "
@@ -63,6 +63,21 @@ class CausalLM(Task):
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     return jnp.sum(losses * mask), {"weight": tokens, "tokens": tokens,
                                     "correct": jnp.sum(correct * mask)}
+
+  def hf_inputs(self, batch):
+    return {"input_ids": batch["inputs"], "labels": batch["inputs"]}  # HF shifts the labels
+
+  def benchmark_batch(self, seed: int = 0) -> dict:
+    """Random tokens in the batch contract, one segment per row: the step's time alone, not the
+    data pipeline's."""
+    c = self.config
+    rng = np.random.default_rng(seed)
+    b, t = c.batch_size, c.seq_len
+    tokens = rng.integers(0, c.model.vocab_size, size=(b, t + 1), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "loss_mask": np.ones((b, t), np.float32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+            "segment_ids": np.ones((b, t), np.int32)}
 
   # -- data ------------------------------------------------------------------------------------
 
@@ -100,12 +115,9 @@ class CausalLM(Task):
           f"{val['perplexity']:.1f}); unigram baseline fitted on the training split: "
           f"{unigram:.4f} nats/token")
     if c.sample.prompts and c.sample.max_new_tokens > 0:
-      from jaxft import generate
-      from jaxft.data.tokenizer import load_tokenizer
-
       tok = load_tokenizer(c.data.tokenizer or None)
       prompts = [tok.encode(p) for p in c.sample.prompts]
-      outs = generate.generate(peft.bind(self.model, self.peft), variables, prompts,
+      outs = generation.generate(peft.bind(self.model, self.peft), variables, prompts,
                                max_new_tokens=c.sample.max_new_tokens,
                                temperature=c.sample.temperature, top_k=c.sample.top_k,
                                seed=c.seed, eos_id=tok.eos_id)

@@ -1,14 +1,14 @@
 """Sequence classification (BERT's pooled [CLS], or GPT-2's last token): one label per text.
 
 Metrics: loss, accuracy, macro/micro/weighted F1; the report is the per-class precision /
-recall / F1 / support table (jaxft/scoring.py).
+recall / F1 / support table (jaxft/tasks/metrics.py).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import scoring
+from jaxft.tasks import metrics
 from jaxft.tasks.labeled import LabeledTask
 
 
@@ -49,12 +49,12 @@ def encode_texts(tokenizer, texts: list[str], max_len: int, family: str) -> dict
 
 class SequenceClassification(LabeledTask):
   name = "classification"
-  head = "classification"
   trainable_head = r"^(classifier|score)/"  # BERT's classifier, GPT-2's score
   kind = "classification"
   has_labels = True
   default_metric = ("accuracy", "max")
   batch_keys = ("labels",)
+  prediction_fields = ("text",)
 
   def label_values(self, example):
     return [example["label"]]
@@ -67,6 +67,9 @@ class SequenceClassification(LabeledTask):
         [self.label_id(e["label"], split, i) if with_labels else 0
          for i, e in enumerate(examples)], np.int32)
     return out
+
+  def hf_labels(self, batch):
+    return {"labels": batch["labels"]}
 
   def prediction_inputs(self, records):
     return [{"text": r["text"]} for r in records]
@@ -100,13 +103,13 @@ class SequenceClassification(LabeledTask):
 
   def summarize(self, outputs, split: str = "validation") -> dict[str, float]:
     y_true, y_pred = self._predictions(outputs, split)
-    report = scoring.classification_report(y_true, y_pred, self.labels)
+    report = metrics.classification_report(y_true, y_pred, self.labels)
     return {"loss": self.mean_loss(outputs), "accuracy": report["accuracy"],
             "macro_f1": report["macro"]["f1"], "micro_f1": report["micro"]["f1"],
             "weighted_f1": report["weighted"]["f1"]}
 
   def report(self, outputs, split: str):
     y_true, y_pred = self._predictions(outputs, split)
-    report = scoring.classification_report(y_true, y_pred, self.labels)
+    report = metrics.classification_report(y_true, y_pred, self.labels)
     report["loss"] = self.mean_loss(outputs)
-    return scoring.format_classification_report(report), report
+    return metrics.format_classification_report(report), report

@@ -45,6 +45,7 @@ class LabeledTask(Task, abc.ABC):
   kind = ""  # the jaxft.data.labeled kind: "classification" | "ner" | "qa"
   # Keys of a featurised split that go to the device; the rest stay on the host for scoring.
   batch_keys: tuple[str, ...] = ()
+  default_seq_len = 128
 
   def __init__(self, config: ml_collections.ConfigDict, labels: list[str] | None = None):
     self.config = config
@@ -105,6 +106,12 @@ class LabeledTask(Task, abc.ABC):
   @abc.abstractmethod
   def predictions(self, examples, features, outputs) -> list[dict]:
     """One JSON-able prediction per example, from eval_outputs over `features`."""
+
+  def prediction_features(self, examples):
+    return self.complete(self.featurize(examples, "predict", with_labels=False))
+
+  def prediction_batches(self, features):
+    return self.batches(self.device_arrays(features))
 
   def features(self, split: str) -> dict[str, np.ndarray]:
     if split not in self._features:

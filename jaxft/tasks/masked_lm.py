@@ -132,7 +132,6 @@ class MaskedLM(Task):
   """BERT + MLM head; data, masking and the most-frequent-token baseline are described above."""
 
   name = "masked_lm"
-  head = "masked_lm"
   default_metric = ("mlm_accuracy", "max")
 
   def __init__(self, config: ml_collections.ConfigDict, labels=None):
@@ -267,6 +266,12 @@ class MaskedLM(Task):
       raise ValueError(f"the {split} split is empty; give config.data.validation_files or "
                        "raise config.data.validation_fraction")
     return batches
+
+  def hf_labels(self, batch):
+    """15% of the real tokens as targets (HF's loss scores every labelled position)."""
+    picks = np.random.default_rng(0).random(batch["inputs"].shape) < 0.15
+    picks &= np.asarray(batch["segment_ids"]) > 0
+    return {"labels": np.where(picks, batch["inputs"], -100)}
 
   # -- evaluation ------------------------------------------------------------------------------
 

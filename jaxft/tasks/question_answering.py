@@ -10,19 +10,23 @@ against all gold answers.
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import scoring
 from jaxft.data import qa_features
+from jaxft.tasks import metrics
 from jaxft.tasks.classification import cross_entropy
 from jaxft.tasks.labeled import LabeledTask
 
 
 class QuestionAnswering(LabeledTask):
   name = "question_answering"
-  head = "question_answering"
   trainable_head = r"^qa_outputs/"
   kind = "qa"
   default_metric = ("f1", "max")
   batch_keys = ("start_positions", "end_positions")
+  prediction_fields = ("question", "context")
+  default_seq_len = 384
+  # configs/finetune.py's values (for a Hugging Face directory opened without a config).
+  data_defaults = {"doc_stride": 128, "max_question_len": 64, "max_answer_len": 30,
+                   "version_2_with_negative": False}
 
   def featurize(self, examples, split: str, with_labels: bool = True):
     d = self.config.data
@@ -32,6 +36,9 @@ class QuestionAnswering(LabeledTask):
     for key in self.batch_keys:  # unlabelled questions: the loss terms are ignored
       out.setdefault(key, np.zeros((len(out["inputs"]),), np.int32))
     return out
+
+  def hf_labels(self, batch):
+    return {"start_positions": batch["start_positions"], "end_positions": batch["end_positions"]}
 
   def prediction_inputs(self, records):
     return [{"id": str(r.get("id", i)), "question": r["question"], "context": r["context"]}
@@ -74,7 +81,7 @@ class QuestionAnswering(LabeledTask):
     examples = list(self.splits[split])
     answers = self._answers(examples, self.features(split), outputs)
     predicted = {k: v["text"] for k, v in answers.items()}
-    return scoring.squad_scores(predicted, qa_features.references(examples))
+    return metrics.squad_scores(predicted, qa_features.references(examples))
 
   def summarize(self, outputs, split: str = "validation") -> dict[str, float]:
     scores = self._scores(outputs, split)

@@ -3,7 +3,7 @@
 Words are tokenised as pre-split words (the tokenizer's `is_pretokenized` mode), so each
 sub-token knows its word; only a word's first sub-token carries a label (the rest, [CLS], [SEP]
 and padding are masked out of the loss), as in BERT's CoNLL-2003 recipe. Scoring is at word
-level with conlleval semantics (jaxft/scoring.py): a word cut off by seq_len is predicted "O"
+level with conlleval semantics (jaxft/tasks/metrics.py): a word cut off by seq_len is predicted "O"
 and still counts, so the score is over every gold entity of the split.
 """
 
@@ -12,7 +12,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import scoring
+from jaxft.tasks import metrics
 from jaxft.tasks.classification import cross_entropy, pad_encodings
 from jaxft.tasks.labeled import LabeledTask
 
@@ -46,12 +46,12 @@ def word_tags(first_token: np.ndarray, predictions: np.ndarray, n_words: int,
 
 class TokenClassification(LabeledTask):
   name = "token_classification"
-  head = "token_classification"
   trainable_head = r"^classifier/"
   kind = "ner"
   has_labels = True
   default_metric = ("f1", "max")
   batch_keys = ("labels", "label_mask")
+  prediction_fields = ("text",)
 
   def label_values(self, example):
     return example["tags"]
@@ -67,6 +67,9 @@ class TokenClassification(LabeledTask):
         first = out["first_token"][i]
         out["labels"][i] = np.where(first >= 0, np.asarray(ids + [0])[first], 0)
     return out
+
+  def hf_labels(self, batch):
+    return {"labels": np.where(batch["label_mask"] > 0, batch["labels"], -100)}
 
   def prediction_inputs(self, records):
     """Raw text -> words split at whitespace (as WNUT / CoNLL text is), with their character
@@ -84,7 +87,7 @@ class TokenClassification(LabeledTask):
     for i, e in enumerate(examples):
       tags = word_tags(features["first_token"][i], predicted[i], len(e["tokens"]), self.labels)
       entities = []
-      for kind, start, end in scoring.extract_entities(tags):
+      for kind, start, end in metrics.extract_entities(tags):
         a, b = e["spans"][start][0], e["spans"][end - 1][1]
         entities.append({"type": kind, "start": a, "end": b, "text": e["text"][a:b]})
       rows.append({"text": e["text"], "entities": entities, "tags": tags})
@@ -118,11 +121,11 @@ class TokenClassification(LabeledTask):
     return gold, pred
 
   def summarize(self, outputs, split: str = "validation") -> dict[str, float]:
-    scores = scoring.entity_scores(*self._tags(outputs, split))
+    scores = metrics.entity_scores(*self._tags(outputs, split))
     return {"loss": self.mean_loss(outputs), "precision": scores["precision"],
             "recall": scores["recall"], "f1": scores["f1"], "accuracy": scores["accuracy"]}
 
   def report(self, outputs, split: str):
-    scores = scoring.entity_scores(*self._tags(outputs, split))
+    scores = metrics.entity_scores(*self._tags(outputs, split))
     scores["loss"] = self.mean_loss(outputs)
-    return scoring.format_entity_report(scores), scores
+    return metrics.format_entity_report(scores), scores

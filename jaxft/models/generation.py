@@ -1,0 +1,156 @@
+"""Sampling with a KV cache: one jitted program prefills a left-padded batch, then decodes
+(the library behind `python -m jaxft.generate`, the end-of-training samples and the server).
+
+Prompts of different lengths are left-padded to the longest (padding has segment id 0, so no
+query attends to it) and every row's positions start at 0 at its first real token, so a row
+generates exactly what it would alone. Decoding is a `lax.while_loop` of one-token steps that
+ends once every row has emitted EOS. Sampling follows transformers' order: temperature, then
+top-k, then top-p; temperature 0 is greedy. A prompt that leaves no room for max_new_tokens in
+the learned position table is an error rather than a silent left-truncation: dropping the start
+of a prompt changes what the model is conditioned on, so the user should choose.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  temperature: float = 1.0  # 0 = greedy
+  top_k: int = 0  # keep the k most likely tokens; 0 = all
+  top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p
+
+  def validate(self) -> None:
+    if self.temperature < 0:
+      raise ValueError(f"--temperature={self.temperature} must be >= 0 (0 = greedy)")
+    if self.top_k < 0:
+      raise ValueError(f"--top_k={self.top_k} must be >= 0 (0 = no top-k filter)")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"--top_p={self.top_p} must be in (0, 1] (1 = no nucleus filter)")
+
+
+def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+  """Scaled logits [B, V] with the tokens top-k / top-p exclude set to -inf."""
+  logits = logits / sampling.temperature
+  if 0 < sampling.top_k < logits.shape[-1]:
+    kth_largest = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+  if sampling.top_p < 1:
+    sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # A token stays if the tokens ranked above it hold less than top_p: the most likely one
+    # always stays, and the kept set is the smallest whose mass reaches top_p.
+    kept = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
+    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+  """Next token ids [B] from last-position logits [B, V]."""
+  logits = logits.astype(jnp.float32)
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+def _empty_cache(model: nn.Module, batch: int, length: int):
+  """Zeroed KV caches with room for `length` tokens per row (shapes from an abstract init)."""
+  dummy = jnp.zeros((batch, length), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy, decode=True))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id"))
+def _generate(model, variables, tokens, lengths, key, *, max_new_tokens: int, sampling: Sampling,
+              eos_id: int | None):
+  """tokens [B, P] left-padded, lengths [B] -> new tokens [B, max_new_tokens].
+
+  Columns after a row's EOS hold EOS (also where the loop stopped early because every row had
+  finished); the caller cuts each row at its first EOS.
+  """
+  b, p = tokens.shape
+  n_pad = (p - lengths)[:, None]
+  column = jnp.arange(p)[None]
+  segment_ids = (column >= n_pad).astype(jnp.int32)  # 0 = left padding
+  positions = jnp.maximum(column - n_pad, 0)
+  # The last sampled token is never fed back, hence max_new_tokens - 1 decode slots.
+  cache = _empty_cache(model, b, p + max_new_tokens - 1)
+  fill = 0 if eos_id is None else eos_id
+
+  def step(cache, step_tokens, step_positions, step_segments, i):
+    logits, mutated = model.apply(
+        {**variables, "cache": cache}, step_tokens, step_positions, step_segments,
+        deterministic=True, decode=True, mutable=["cache"])
+    return mutated["cache"], sample_tokens(logits[:, -1], jax.random.fold_in(key, i), sampling)
+
+  cache, first = step(cache, tokens, positions, segment_ids, 0)
+  out = jnp.full((b, max_new_tokens), fill, jnp.int32).at[:, 0].set(first)
+  done = (first == eos_id) if eos_id is not None else jnp.zeros((b,), bool)
+  ones = jnp.ones((b, 1), jnp.int32)
+
+  def cond(carry):
+    i, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, last, out, done, cache = carry
+    cache, nxt = step(cache, last[:, None], (lengths + i - 1)[:, None], ones, i)
+    nxt = jnp.where(done, fill, nxt)  # finished rows emit nothing new
+    if eos_id is not None:
+      done = done | (nxt == eos_id)
+    return i + 1, nxt, out.at[:, i].set(nxt), done, cache
+
+  _, _, out, _, _ = jax.lax.while_loop(cond, body, (1, first, out, done, cache))
+  return out
+
+
+def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_id: int | None = None) -> list[list[int]]:
+  """Each prompt's continuation: up to max_new_tokens ids, cut before the first EOS.
+
+  `model` is a GPT2LMHeadModel (or one bound to its PEFT method, jaxft.peft.bind), `params`
+  its (unboxed) params, or its variables {"params": ..., "peft": ...}. The same seed and
+  prompts give the same samples.
+  """
+  variables = params if "params" in params else {"params": params}
+  cfg = model.cfg
+  sampling = Sampling(float(temperature), int(top_k), float(top_p))
+  sampling.validate()
+  if not prompts:
+    raise ValueError("no prompts to continue")
+  if max_new_tokens < 0:
+    raise ValueError(f"--max_new_tokens={max_new_tokens} must be >= 0")
+  for i, prompt in enumerate(prompts):
+    if not prompt:
+      raise ValueError(f"prompt {i} has no tokens; start it with at least one token (e.g. the "
+                       "EOS token, as GPT-2 does for unconditional samples)")
+    if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
+      raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}) (the model's "
+                       "vocab_size): was it encoded with another tokenizer?")
+    if len(prompt) + max_new_tokens > cfg.n_positions:
+      raise ValueError(
+          f"prompt {i} has {len(prompt)} tokens, and with --max_new_tokens={max_new_tokens} the "
+          f"sequence would outgrow the model's n_positions={cfg.n_positions} (prompt + new tokens "
+          f"<= {cfg.n_positions}): lower --max_new_tokens to at most "
+          f"{max(cfg.n_positions - len(prompt), 0)} or shorten the prompt")
+  if max_new_tokens == 0:
+    return [[] for _ in prompts]
+
+  longest = max(len(p) for p in prompts)
+  tokens = np.zeros((len(prompts), longest), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, longest - len(prompt):] = prompt
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  out = _generate(model, variables, tokens, lengths, jax.random.key(seed),
+                  max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id)
+  out = np.asarray(jax.device_get(out)).tolist()
+  if eos_id is not None:
+    out = [row[:row.index(eos_id)] if eos_id in row else row for row in out]
+  return out

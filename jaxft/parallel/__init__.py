@@ -1,0 +1,2 @@
+"""Devices and meshes: logical-axis sharding, multi-process start-up, AOT compilation for TPU
+topologies."""

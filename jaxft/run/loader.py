@@ -1,0 +1,192 @@
+"""Opening weights: a trained run (a jaxft workdir, an adapter-only directory or a Hugging Face
+model directory) as config, labels, task and variables, and a new run's starting weights
+(config.init_from, or the seed's random init).
+
+Every command that reads a model (training's init_from, evaluate, predict, generate,
+prompt_eval, export) goes through `open_run`. A workdir gives its best checkpoint
+(workdir/best, kept by early stopping) unless a step is asked for, else its latest; only the
+trainable variables are restored (no optimizer state), onto one local device; a PEFT run's
+frozen base is rebuilt from its config.init_from (or `init_from`, where the base has moved).
+A Hugging Face directory is opened with the task its transformers class names
+(GPT2LMHeadModel -> causal_lm, BertForSequenceClassification -> classification, ...) and its
+tokenizer and label names (id2label).
+
+config.init_from is either a Hugging Face directory or a jaxft workdir (e.g. a GPT-2 you
+pretrained, to fine-tune or prompt-tune). Either way the architecture (config.model) and, unless
+config.data.tokenizer names one, the tokenizer come from it. A workdir's weights are its best
+(else latest) checkpoint with any LoRA folded in, converted through the Hugging Face tables, so
+a causal-LM run can start a classifier just as an HF checkpoint can.
+"""
+
+import dataclasses
+import logging
+import os
+
+import jax
+import ml_collections
+from flax import linen as nn
+
+from jaxft import hf, peft, tasks, trees
+from jaxft.data.tokenizer import has_tokenizer, load_tokenizer
+from jaxft.models import registry
+from jaxft.parallel import sharding
+from jaxft.run import checkpoint
+from jaxft.run import state as state_lib
+from jaxft.run import workdir as workdir_lib
+
+log = logging.getLogger("jaxft")
+
+_KEPT_FROM_USER = ("dtype", "remat", "scan_layers", "attention_impl")  # how to compute
+_ONE_DEVICE = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained model, ready for inference."""
+
+  path: str
+  config: ml_collections.ConfigDict  # the resolved training config (built for an HF directory)
+  task: tasks.Task
+  variables: dict  # {"params": ..., and the PEFT method's collection}
+
+  @property
+  def labels(self) -> list[str] | None:
+    return self.task.labels
+
+  @property
+  def model(self):
+    """The flax module carrying the run's PEFT method (jaxft.peft.bind)."""
+    return peft.bind(self.task.model, self.task.peft)
+
+  def tokenizer(self):
+    return load_tokenizer(self.config.data.get("tokenizer") or None)
+
+
+def open_run(path: str, *, step: int | None = None, best: bool = True,
+             init_from: str | None = None, seq_len: int | None = None) -> Run:
+  """The model in `path`: a jaxft workdir or adapter directory (its config.json has a "model"
+  block) or a Hugging Face directory. `seq_len` (HF directories) sets the rows' length; the
+  default is the task's (tasks.Task.default_seq_len, else the model's context)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} is not a directory; give a jaxft training directory or a "
+                            "Hugging Face model directory")
+  if workdir_lib.is_workdir(path):
+    return _open_workdir(path, step, best, init_from)
+  if step is not None:
+    raise ValueError(f"{path} is a Hugging Face directory: it has no checkpoint steps")
+  return _open_hf(path, seq_len)
+
+
+def _open_workdir(path: str, step, best: bool, init_from: str | None) -> Run:
+  config = workdir_lib.load_config(path)
+  if init_from:
+    config.init_from = init_from
+  task = tasks.make_task(config, labels=workdir_lib.load_labels(path))
+  lay, trainable = open_trainable(path, task, step, best)
+  frozen = {}
+  if lay.has_frozen:
+    if not config.init_from:
+      log.info("%s: no init_from recorded; the frozen base is the seed's random init", path)
+    frozen = lay.split(initial_variables(task, config, lay))[1]
+  return Run(path, config, task, trees.combine(frozen, trainable))
+
+
+def one_device_layout(task) -> state_lib.Layout:
+  mesh = sharding.make_mesh(_ONE_DEVICE, jax.local_devices()[:1])
+  return state_lib.layout(task, task.config.seq_len, mesh, task.config.get("axis_rules", ()))
+
+
+def open_trainable(path: str, task, step: int | None = None, best: bool = True):
+  """(the variables' layout on one device, the trainable variables of the checkpoint or of the
+  adapter file in `path`)."""
+  lay = one_device_layout(task)
+  abstract, _ = lay.split(jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), lay.abstract,
+      lay.shardings))
+  if os.path.exists(os.path.join(path, checkpoint.ADAPTER_FILE)):
+    return lay, checkpoint.read_adapter(path, abstract)
+  return lay, checkpoint.restore_params(path, abstract, step, best)
+
+
+def hf_run_config(path: str, seq_len: int | None = None) -> ml_collections.ConfigDict:
+  """The config of a Hugging Face directory's model: the task its class names, config.model
+  from its config.json, its tokenizer; data defaults are the task's own."""
+  hf_config = hf.read_hf_config(path)
+  architecture = (hf_config.get("architectures") or [""])[0]
+  _, head, _ = registry.head_of_architecture(architecture, hf_config.get("model_type", ""))
+  task_cls = tasks.task_class(head)
+  config = ml_collections.ConfigDict({
+      "task": head, "seed": 0, "init_from": path, "model": {},
+      "data": {"tokenizer": path if has_tokenizer(path) else "", **task_cls.data_defaults},
+      "seq_len": 0, "batch_size": 64, "eval_batch_size": 0, "axis_rules": ()})
+  resolve(config)
+  context = config.model.get("n_positions") or config.model.get("max_position_embeddings")
+  config.seq_len = int(seq_len or task_cls.default_seq_len or context)
+  return config
+
+
+def _open_hf(path: str, seq_len: int | None) -> Run:
+  config = hf_run_config(path, seq_len)
+  labels = None
+  if tasks.task_class(config.task).has_labels:
+    hf_config = hf.read_hf_config(path)
+    labels = hf.label_names(hf_config)
+    if labels is None:
+      n = int(hf_config.get("num_labels", len(hf_config.get("id2label", {})) or 2))
+      labels = [f"LABEL_{i}" for i in range(n)]
+  task = tasks.make_task(config, labels=labels)
+  lay = one_device_layout(task)
+  params = hf.load_params(path, lay.abstract["params"], task.architecture)
+  return Run(path, config, task, {"params": jax.device_put(params, jax.local_devices()[0])})
+
+
+# -- a new run's starting weights --------------------------------------------------------------
+
+def resolve(config):
+  """Fills config.model (and config.data.tokenizer) from config.init_from."""
+  path = config.get("init_from", "")
+  if not path:
+    return config
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"config.init_from={path!r} is not a directory; give a Hugging Face "
+                            "model directory or a jaxft training directory")
+  if workdir_lib.is_workdir(path):
+    base = workdir_lib.load_config(path)
+    overrides = {k: v for k, v in base.model.items() if k not in _KEPT_FROM_USER}
+    tokenizer = base.data.get("tokenizer", "")
+  else:
+    overrides = hf.model_overrides(hf.read_hf_config(path))
+    tokenizer = path if has_tokenizer(path) else ""
+  changed = {k: (config.model.get(k), v) for k, v in overrides.items()
+             if config.model.get(k) != v}
+  if changed:
+    log.info("init_from %s sets config.model fields: %s", path, changed)
+  with config.unlocked():
+    config.model.update(overrides)
+    if not config.data.get("tokenizer") and tokenizer:
+      config.data.tokenizer = tokenizer
+  return config
+
+
+def _workdir_tensors(path: str) -> dict:
+  """A jaxft workdir's weights as the HF state dict of its architecture."""
+  run = _open_workdir(path, None, True, None)
+  params = run.task.peft.merge(run.variables)["params"]
+  return hf.to_hf_tensors(params, run.task.architecture)
+
+
+def initial_variables(task, config, lay) -> dict:
+  """Every variable of the task's model in the layout's shardings: the seed's random init, with
+  the "params" from config.init_from when it is set (a head it lacks keeps its random init)."""
+  variables = state_lib.random_variables(task, config.seq_len, config.seed, lay)
+  path = config.get("init_from", "")
+  if not path:
+    return variables
+  tensors = _workdir_tensors(path) if workdir_lib.is_workdir(path) else None
+
+  def head_init():  # a new head's init draws from the seed itself (the figures in the docs)
+    return nn.unbox(task.init(jax.random.key(config.seed), config.seq_len))["params"]
+
+  params = hf.load_params(path, lay.abstract["params"], task.architecture, init_fn=head_init,
+                          tensors=tensors)
+  return {**variables, "params": jax.device_put(params, lay.shardings["params"])}

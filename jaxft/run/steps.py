@@ -1,0 +1,89 @@
+"""train_step / eval_step: pure functions of (state, batch). They never know the task.
+
+Losses are sums (over masked tokens, or examples) divided by the task's global "weight" of the
+whole step (its token or example count), so gradient accumulation over micro-batches gives the
+full-batch gradient (up to float summation order).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxft import trees
+from jaxft.parallel import sharding
+from jaxft.run.state import TrainState
+
+
+def _split_micro(batch, n: int):
+  """[B, ...] -> [n, B/n, ...] taking every n-th row, so each micro-batch keeps rows on every
+  data-parallel shard (a contiguous split would put each micro-batch on a subset of devices)."""
+  def split(x):
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
+                    regularizer=None):
+  """loss_fn(variables, batch, rng, deterministic) -> (loss_sum, aux sums: 'weight', 'tokens',
+  'correct'); see jaxft/tasks/base.py. The step is train_step(state, frozen, batch): gradients
+  are taken for state.params (the trainable variables) only; `frozen` completes the variables.
+  `regularizer(variables)` (AdaLoRA's orthogonality penalty) adds to the mean loss."""
+
+  def loss_of_trainable(params, frozen, batch, rng):
+    variables = trees.combine(frozen, params)
+    loss_sum, aux = loss_fn(variables, batch, rng, False)
+    if regularizer is not None:  # x weight: the step divides the sum by the total weight
+      loss_sum = loss_sum + regularizer(variables) * aux["weight"]
+    return loss_sum, aux
+
+  grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
+
+  def train_step(state: TrainState, frozen, batch):
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if grad_accum_steps == 1:
+      (loss_sum, aux), grads = grad_fn(state.params, frozen, batch, step_key)
+    else:
+      def accumulate(carry, xs):
+        i, micro = xs
+        out = grad_fn(state.params, frozen, micro, jax.random.fold_in(step_key, i))
+        return jax.tree.map(jnp.add, carry, out), None
+
+      micro = _split_micro(batch, grad_accum_steps)
+      first = jax.tree.map(lambda x: x[0], micro)
+      abstract = jax.eval_shape(grad_fn, state.params, frozen, first, step_key)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+      ((loss_sum, aux), grads), _ = jax.lax.scan(
+          accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+    weight = jnp.maximum(aux["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
+                                                                              updates),
+                              opt_state=opt_state)
+    # update_norm catches a NaN/inf that only the update carries (e.g. from the learning rate)
+    # before a checkpoint of the broken params could be written.
+    metrics = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads),
+               "update_norm": optax.tree.norm(updates),
+               "lr": schedule(state.step), "tokens": aux["tokens"],
+               "accuracy": aux["correct"] / weight}
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_steps(task, tx, schedule, config, lay, shardings, mesh):
+  """(train_step, eval_step, batch sharding, frozen-variable shardings), jitted with the
+  shardings of everything they take."""
+  batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
+  _, frozen_sh = lay.split(lay.shardings)
+  loss = sharding.constrained(task.loss, mesh, config.axis_rules)
+  eval_outputs = sharding.constrained(task.eval_outputs, mesh, config.axis_rules)
+  train_step = jax.jit(
+      make_train_step(loss, tx, schedule, config.grad_accum_steps,
+                      regularizer=task.peft.regularizer),
+      in_shardings=(shardings, frozen_sh, None), out_shardings=(shardings, None),
+      donate_argnums=0)
+  eval_step = jax.jit(lambda p, f, b: eval_outputs(trees.combine(f, p), b),
+                      in_shardings=(shardings.params, frozen_sh, None))
+  return train_step, eval_step, batch_sh, frozen_sh

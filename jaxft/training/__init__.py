@@ -1,0 +1,49 @@
+"""Training: `train_and_evaluate(config, workdir)` = setup (setup.py), the loop (loop.py), the
+end-of-run reports (finish.py); best-checkpoint tracking and resume checks in best.py,
+--compile_only in compile.py."""
+
+import logging
+
+import ml_collections
+
+from jaxft.parallel import distributed
+from jaxft.run import checkpoint, flops, logs
+from jaxft.training.best import BestTracker
+from jaxft.training.compile import compile_only
+from jaxft.training.finish import finish
+from jaxft.training.loop import NonFiniteLossError, train_loop
+from jaxft.training.setup import parameter_counts, setup
+
+__all__ = ["NonFiniteLossError", "compile_only", "train_and_evaluate"]
+
+log = logging.getLogger("jaxft")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) to config.num_steps (or early stopping); returns the final validation
+  metrics (of the best checkpoint's params when the task reports on a test split)."""
+  s = setup(config, workdir)
+  tracker = BestTracker.from_config(s.config, s.task, s.meta.get("early_stopping"))
+  best_ckpt = checkpoint.BestParams(workdir)
+  counts = parameter_counts(s.state, s.frozen)
+  _log_model(s, counts)
+  writer = logs.Writer(workdir)
+  try:
+    writer.write(int(distributed.to_host(s.state.step)), counts)
+    result = train_loop(s, writer, tracker, best_ckpt)
+  finally:
+    s.ckpt.close()
+    best_ckpt.close()
+    writer.close()
+  return finish(s, result.state, result.val, tracker, best_ckpt)
+
+
+def _log_model(s, counts: dict) -> None:
+  peft, lr = s.task.peft, s.config.optim.lr
+  log.info("model: %s parameters, %s trainable (%.2f%%; %s, peak lr %g); optimizer state %s "
+           "bytes; mesh %s; %.1f MFLOP/token (MFU vs %s); %d steps",
+           f"{counts['params/total']:,}", f"{counts['params/trainable']:,}",
+           counts["params/trainable_percent"], peft.describe(), peft.learning_rate(lr),
+           f"{counts['optimizer/state_bytes']:,}", dict(s.mesh.shape),
+           flops.flops_per_token(s.task.model_cfg, s.config.seq_len) / 1e6,
+           flops.peak_flops_per_device()[1], s.num_steps)
