@@ -24,7 +24,7 @@ AXIS_RULES = (
 
 
 def optimizer(**overrides) -> ml_collections.ConfigDict:
-  """AdamW with warmup, a cosine or linear schedule and gradient clipping (jaxft/optim.py)."""
+  """AdamW with warmup, a cosine or linear schedule and gradient clipping (jaxft/run/optim.py)."""
   o = ml_collections.ConfigDict()
   o.lr = 6e-4  # peak learning rate after warmup
   o.schedule = "cosine"  # "cosine" (to lr * min_lr_ratio) or "linear" (BERT's: to 0)

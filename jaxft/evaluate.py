@@ -10,6 +10,7 @@ as workdir/report_{split}.json.
 from absl import app, flags
 
 from jaxft.run import evaluation, loader
+from jaxft.run import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "jaxft training directory")
 _SPLIT = flags.DEFINE_string("split", "test", "split to score: train, validation or test")
@@ -20,6 +21,11 @@ _LATEST = flags.DEFINE_boolean("latest", False, "score the latest checkpoint, no
 def evaluate_run(workdir: str, split: str = "test", step: int | None = None,
              latest: bool = False) -> dict:
   """The task's report of `split` (also written to workdir/report_{split}.json)."""
+  if not workdir_lib.is_workdir(workdir):
+    workdir_lib.load_config(workdir)  # no config.json: raises naming the fix
+    raise ValueError(f"--workdir={workdir} is a Hugging Face directory: jaxft.evaluate scores the "
+                     "splits of a jaxft run; fine-tune it first (python -m jaxft.train "
+                     f"--config.init_from={workdir}) or label inputs with python -m jaxft.predict")
   run = loader.open_run(workdir, step=step, best=not latest)
   _, outputs = evaluation.evaluate(run.task, evaluation.single_device_eval(run.task),
                                    run.task.eval_batches(split), run.variables, split=split)

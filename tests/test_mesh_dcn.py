@@ -36,7 +36,7 @@ def test_shape_inside_and_across_slices(sizes, devices, ici, dcn):
 
 
 def test_configs_without_dcn_fields_are_one_slice():
-  """Configs saved before the dcn_* fields (and checkpoint.py's 1-device mesh) still resolve."""
+  """Configs saved before the dcn_* fields (and the loader's 1-device mesh) still resolve."""
   old = ml_collections.ConfigDict({"data": -1, "fsdp": 2, "tensor": 1})
   assert sharding.resolve_hybrid_shape(old, 8) == ((4, 2, 1), (1, 1, 1))
   assert sharding.resolve_mesh_shape({"data": 2, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)

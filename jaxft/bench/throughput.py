@@ -47,7 +47,7 @@ class JaxftRunner:
 
   def __init__(self, config):
     if jax.process_count() > 1:
-      raise ValueError("jaxft.bench times one process; run it without jaxft.launch / "
+      raise ValueError("jaxft.bench times one process; run it without launch.local / "
                        "jax.distributed (a multi-host step is timed by jaxft.train's log)")
     config = loader.resolve(config)
     self.config = config

@@ -34,7 +34,7 @@ def sequence_logprobs(model, params, tokens, positions, segment_ids, starts, tar
     hidden = module.hidden(tokens, positions, segment_ids, deterministic=True)  # [B, T, D]
     at = jnp.clip(starts[:, None] - 1 + jnp.arange(width)[None], 0, tokens.shape[1] - 1)
     hidden = jnp.take_along_axis(hidden, at[..., None], axis=1)  # [B, C, D]
-    return module.transformer.logits(hidden)  # [B, C, V]
+    return module.logits(hidden)  # [B, C, V]
 
   logits = model.apply(variables, tokens, positions, segment_ids, method=forward)
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

@@ -59,6 +59,7 @@ from jaxft.data.prompts import (
 )
 from jaxft.inference.prompt_scoring import SCORINGS, candidate_scores, score_candidates
 from jaxft.models import registry
+from jaxft.models.generation import check_token_ids
 from jaxft.run import loader
 from jaxft.run import workdir as workdir_lib
 from jaxft.tasks import metrics
@@ -138,10 +139,8 @@ def classify(model, params, tokenizer, train: Sequence[dict], examples: Sequence
     texts.append(build_prompt(template, options.separator, e["text"], shots))
   prompts = tokenizer.encode_batch(texts)
   candidates = [tokenizer.encode(template.gap + verbalizer[label]) for label in labels]
-  vocab = model.cfg.vocab_size
-  if max(max(p, default=0) for p in [*prompts, *candidates]) >= vocab:
-    raise ValueError(f"the tokenizer produced ids >= the model's vocab_size={vocab}: it is not "
-                     "the model's tokenizer")
+  check_token_ids(prompts, model.cfg.vocab_size)
+  check_token_ids(candidates, model.cfg.vocab_size, "label continuation")
 
   scored = score_candidates(model, params, prompts, candidates, max_len=max_len,
                             batch_size=options.batch_size, prefix=prefix)

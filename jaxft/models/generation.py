@@ -110,6 +110,15 @@ def _generate(model, variables, tokens, lengths, key, *, max_new_tokens: int, sa
   return out
 
 
+def check_token_ids(rows, vocab_size: int, what: str = "prompt") -> None:
+  """Every id in [0, vocab_size): ids of another tokenizer would otherwise index past the
+  embedding table without an error (XLA clamps out-of-range gathers)."""
+  for i, row in enumerate(rows):
+    if len(row) and (min(row) < 0 or max(row) >= vocab_size):
+      raise ValueError(f"{what} {i} has token ids outside [0, {vocab_size}) (the model's "
+                       "vocab_size): was it encoded with another tokenizer?")
+
+
 def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_id: int | None = None) -> list[list[int]]:
@@ -127,13 +136,11 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int,
     raise ValueError("no prompts to continue")
   if max_new_tokens < 0:
     raise ValueError(f"--max_new_tokens={max_new_tokens} must be >= 0")
+  check_token_ids(prompts, cfg.vocab_size)
   for i, prompt in enumerate(prompts):
     if not prompt:
       raise ValueError(f"prompt {i} has no tokens; start it with at least one token (e.g. the "
                        "EOS token, as GPT-2 does for unconditional samples)")
-    if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
-      raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}) (the model's "
-                       "vocab_size): was it encoded with another tokenizer?")
     if len(prompt) + max_new_tokens > cfg.n_positions:
       raise ValueError(
           f"prompt {i} has {len(prompt)} tokens, and with --max_new_tokens={max_new_tokens} the "

@@ -174,6 +174,11 @@ class GPT2LMHeadModel(nn.Module):
     return self.transformer(tokens, positions, segment_ids, deterministic=deterministic,
                             decode=decode)
 
+  def logits(self, hidden):
+    """The LM head alone: hidden [B, T, D] -> logits [B, T, V] (callers that pick positions
+    first, e.g. prompt scoring, run the head on those only)."""
+    return self.transformer.logits(hidden)
+
   def embedding(self):
     """The tied [V, D] token embedding, for losses that fuse the LM head (see heads.py)."""
     return self.transformer.wte.embedding

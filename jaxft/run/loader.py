@@ -70,6 +70,8 @@ def open_run(path: str, *, step: int | None = None, best: bool = True,
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory; give a jaxft training directory or a "
                             "Hugging Face model directory")
+  if not os.path.exists(os.path.join(path, workdir_lib.CONFIG_FILE)):
+    workdir_lib.load_config(path)  # raises: neither a jaxft run nor a Hugging Face directory
   if workdir_lib.is_workdir(path):
     return _open_workdir(path, step, best, init_from)
   if step is not None:
