@@ -3,14 +3,21 @@ metadata (saved together per step), the best params (workdir/best) and adapter-o
 
 Saves are async: Orbax copies device arrays to host before `save` returns (so donated buffers
 are safe), then writes in the background; `wait()` before exit. A step directory only appears
-once complete, so a run killed mid-save resumes from the previous step.
+once complete, so a run killed mid-save resumes from the previous step. A save that fails (disk
+full, permission denied), now or in the background, raises CheckpointSaveError naming the
+directory and the cause; the steps already written stay as they were.
+
+Each checkpoint's metadata carries FORMAT and the jaxft version that wrote it, so a resume can
+refuse a checkpoint it cannot read before touching an array (jaxft/training/resume.py).
 """
 
 import glob
+import importlib.metadata
 import json
 import logging
 import os
 import shutil
+import time
 
 import grain
 import jax
@@ -22,28 +29,104 @@ from jaxft import trees
 from jaxft.run import workdir as workdir_lib
 
 CHECKPOINTS_DIR = "checkpoints"
+DAMAGED_DIR = "checkpoints_damaged"  # steps that failed to restore, moved aside (never deleted)
 BEST_DIR = "best"
 ADAPTER_FILE = "adapter.safetensors"
+# The layout of a checkpoint (items state/data/meta, the TrainState fields). Raise it when a
+# change makes older jaxft unable to read new checkpoints.
+FORMAT = 1
 
 log = logging.getLogger("jaxft")
 
 
+class CheckpointSaveError(RuntimeError):
+  pass
+
+
+def jaxft_version() -> str:
+  try:
+    return importlib.metadata.version("jaxft")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def cause(error: BaseException) -> str:
+  """The innermost error's text: Orbax wraps the OSError that says what went wrong."""
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  return f"{type(error).__name__}: {error}"
+
+
 class Checkpointer:
   def __init__(self, workdir: str, keep: int, *, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, CHECKPOINTS_DIR)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=async_save))
+    self._saving = None  # the step whose background write may still fail
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def steps(self) -> list[int]:
+    """Every complete step on disk, newest first."""
+    return sorted(self.manager.all_steps(), reverse=True)
+
   def save(self, step: int, state, data_iter, meta: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
+    meta = {**meta, "format": FORMAT, "jaxft_version": jaxft_version()}
+    self.wait()  # the previous step's background write: its failure is reported as its own
+    self._check(lambda: self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iter),
-        meta=ocp.args.JsonSave(meta)), force=True)
+        meta=ocp.args.JsonSave(meta)), force=True), step)
+    self._saving = step
+
+  def _check(self, action, step: int | None) -> None:
+    """Runs a save or a wait; a failure (this step's, or the background write of the previous
+    one) becomes one message naming the directory, the cause and what is still there."""
+    try:
+      action()
+    except Exception as e:
+      failed = self._saving if self._saving is not None else step
+      self._saving = None
+      kept = [s for s in self.manager.all_steps() if s != failed]
+      there = (f"the newest checkpoint left is step {max(kept)}, intact; rerun the same "
+               "command to resume from it" if kept else "no earlier checkpoint exists")
+      raise CheckpointSaveError(
+          f"saving checkpoint step {failed} to {self.directory} failed: {cause(e)}. Free "
+          f"space or fix the permissions of {self.directory}; {there}") from e
+
+  def read_meta(self, step: int) -> dict:
+    """The metadata of a step (JSON only; no array is read)."""
+    with open(os.path.join(self.directory, str(step), "meta", "metadata")) as f:
+      meta = json.load(f)
+    if not isinstance(meta, dict):
+      raise ValueError(f"metadata of step {step} is {type(meta).__name__}, not an object")
+    return meta
+
+  def saved_shapes(self, step: int) -> dict[str, tuple]:
+    """The train state's leaves as saved ("opt_state/1/0/mu/params/...": shape), from Orbax's
+    tree metadata: no array is read."""
+    directory = os.path.join(self.directory, str(step), "state")
+    md = ocp.PyTreeCheckpointer().metadata(directory)
+    tree = getattr(getattr(md, "item_metadata", md), "tree", None)
+    if tree is None:  # Orbax logs the parse error and hands back nothing
+      raise ValueError(f"the train state's tree metadata ({directory}/_METADATA) is unreadable")
+    return {key_path(p): tuple(leaf.shape)
+            for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  def set_aside(self, step: int) -> str:
+    """Moves a step that does not restore to workdir/checkpoints_damaged (kept for a post
+    mortem; out of Orbax's sight, so keep-N counts only steps that restore)."""
+    target = os.path.join(self.workdir, DAMAGED_DIR, str(step))
+    if os.path.exists(target):
+      target += f".{int(time.time())}"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
 
   def restore(self, step: int, abstract_state, data_iter):
     """Restores onto the shardings in `abstract_state` (any mesh, any process count) and
@@ -71,11 +154,31 @@ class Checkpointer:
       data_iter.set_state(json.load(f))
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._check(self.manager.wait_until_finished, None)
+    self._saving = None
 
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+  def close(self, *, quiet: bool = False) -> None:
+    """Waits for the last save and closes. `quiet` (an error is already on its way up): a
+    failure here is logged, not raised, so it cannot mask that error."""
+    try:
+      self.wait()
+    except CheckpointSaveError as e:
+      if not quiet:
+        raise
+      log.error("%s", e)
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:  # closing after a failed write must not hide the first error
+        if not quiet:
+          raise
+        log.error("closing %s: %s", self.directory, cause(e))
+
+
+def key_path(path) -> str:
+  """A tree path as "a/0/b" whatever the node types (dict key, sequence index, attribute)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                  for k in path)
 
 
 class BestParams:
@@ -109,9 +212,15 @@ class BestParams:
         state=ocp.args.StandardRestore({"params": abstract_params})))
     return out.state["params"]
 
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+  def close(self, *, quiet: bool = False) -> None:
+    try:
+      self.manager.wait_until_finished()
+      self.manager.close()
+    except Exception as e:
+      if not quiet:
+        raise CheckpointSaveError(f"saving the best params to {self.directory} failed: "
+                                  f"{cause(e)}") from e
+      log.error("saving the best params to %s failed: %s", self.directory, cause(e))
 
 
 def restore_params(workdir: str, abstract, step: int | None = None, best: bool = True):

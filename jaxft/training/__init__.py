@@ -2,12 +2,13 @@
 end-of-run reports (finish.py); best-checkpoint tracking and resume checks in best.py,
 --compile_only in compile.py."""
 
+import contextlib
 import logging
 
 import ml_collections
 
 from jaxft.parallel import distributed
-from jaxft.run import checkpoint, flops, logs
+from jaxft.run import checkpoint, flops, lock, logs
 from jaxft.training.best import BestTracker
 from jaxft.training.compile import compile_only
 from jaxft.training.finish import finish
@@ -21,21 +22,36 @@ log = logging.getLogger("jaxft")
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) to config.num_steps (or early stopping); returns the final validation
-  metrics (of the best checkpoint's params when the task reports on a test split)."""
-  s = setup(config, workdir)
-  tracker = BestTracker.from_config(s.config, s.task, s.meta.get("early_stopping"))
-  best_ckpt = checkpoint.BestParams(workdir)
-  counts = parameter_counts(s.state, s.frozen)
-  _log_model(s, counts)
-  writer = logs.Writer(workdir)
+  metrics (of the best checkpoint's params when the task reports on a test split). Process 0
+  holds the workdir's lock for the whole run: a second run on it is refused."""
+  with lock.WorkdirLock(workdir) if distributed.is_primary() else contextlib.nullcontext():
+    s = setup(config, workdir)
+    tracker = BestTracker.from_config(s.config, s.task, s.meta.get("early_stopping"))
+    best_ckpt = checkpoint.BestParams(workdir)
+    counts = parameter_counts(s.state, s.frozen)
+    _log_model(s, counts)
+    writer = logs.Writer(workdir)
+    try:
+      writer.write(int(distributed.to_host(s.state.step)), counts)
+      result = train_loop(s, writer, tracker, best_ckpt)
+      s.ckpt.wait()  # a failed last save stops the run here, with its message
+    except BaseException:
+      # Cleanup after a failure logs its own errors instead of raising them: the first error
+      # (a failed save, a NaN, a kill) is the one the user sees.
+      _close(s.ckpt, best_ckpt, writer, quiet=True)
+      raise
+    _close(s.ckpt, best_ckpt, writer, quiet=False)
+    return finish(s, result.state, result.val, tracker, best_ckpt)
+
+
+def _close(ckpt, best_ckpt, writer, *, quiet: bool) -> None:
   try:
-    writer.write(int(distributed.to_host(s.state.step)), counts)
-    result = train_loop(s, writer, tracker, best_ckpt)
+    ckpt.close(quiet=quiet)
   finally:
-    s.ckpt.close()
-    best_ckpt.close()
-    writer.close()
-  return finish(s, result.state, result.val, tracker, best_ckpt)
+    try:
+      best_ckpt.close(quiet=quiet)
+    finally:
+      writer.close()
 
 
 def _log_model(s, counts: dict) -> None:

@@ -17,7 +17,7 @@ from jaxft.parallel import distributed, sharding
 from jaxft.run import checkpoint, loader, optim, steps
 from jaxft.run import state as state_lib
 from jaxft.run import workdir as workdir_lib
-from jaxft.training import best
+from jaxft.training import best, resume
 
 log = logging.getLogger("jaxft")
 
@@ -86,15 +86,24 @@ def make_mesh(config, devices=None):
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-  """A new run, or the resumption of the one in `workdir` at its newest checkpoint."""
+  """A new run, or the resumption of the one in `workdir` at its newest checkpoint that
+  restores (jaxft/training/resume.py). The caller holds the workdir's lock (run/lock.py)."""
   os.makedirs(workdir, exist_ok=True)
   config = loader.resolve(config)
   mesh = make_mesh(config)
   ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-  latest = ckpt.latest_step()
+  try:
+    return _setup(config, workdir, mesh, ckpt)
+  except BaseException:
+    ckpt.close(quiet=True)  # a refused resume must not leave Orbax's threads behind
+    raise
+
+
+def _setup(config, workdir: str, mesh, ckpt: checkpoint.Checkpointer) -> Setup:
+  resuming = bool(ckpt.steps())
   # A resumed run keeps the label order it was trained with (labels.json).
-  labels = workdir_lib.load_labels(workdir) if latest is not None else None
-  if latest is not None:
+  labels = workdir_lib.load_labels(workdir) if resuming else None
+  if resuming:
     best.check_same_model(workdir, config)
   # Data first: a missing corpus or a bad label should fail before any compilation. One
   # process builds the dataset (a shared TFDS directory), then the others read it.
@@ -107,26 +116,28 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   steps_total = num_steps(config, task)
   every = eval_every(config, task)
   tx, schedule = optim.make_optimizer(config.optim, steps_total, task.peft)
-  if task.labels and distributed.is_primary():
-    workdir_lib.save_labels(workdir, task.labels)
 
   lay = state_lib.layout(task, config.seq_len, mesh, config.axis_rules)
   shardings = state_lib.state_shardings(lay, tx, mesh)
-  meta = {}
-  if latest is None:
+  restored = resume.restore_newest(ckpt, state_lib.abstract_state(lay, tx, shardings),
+                                   train_iter, workdir, config) if resuming else None
+  if restored is None:
+    meta = {}
     state, frozen, _, _ = state_lib.create_train_state(
         task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh,
         axis_rules=config.axis_rules, variables=loader.initial_variables(task, config, lay))
   else:
+    state, meta, latest = restored
+    log.info("resumed from step %d in %s", latest, ckpt.directory)
     # The frozen base is not in checkpoints: rebuilt from config.init_from (or the seed).
     frozen = (lay.split(loader.initial_variables(task, config, lay))[1] if lay.has_frozen
               else {})
-    state, meta = ckpt.restore(latest, state_lib.abstract_state(lay, tx, shardings), train_iter)
-    log.info("resumed from step %d in %s", latest, ckpt.directory)
     best.check_base(meta, frozen, config)
     if distributed.is_primary():  # the steps after the checkpoint are logged again
       workdir_lib.truncate_metrics(workdir, latest)
   if distributed.is_primary():
+    if task.labels:
+      workdir_lib.save_labels(workdir, task.labels)
     workdir_lib.save_config(workdir, config)
     workdir_lib.write_run_info(workdir)
   train_step, eval_step, batch_sh, _ = steps.jit_steps(task, tx, schedule, config, lay,
