@@ -4,13 +4,20 @@
         --config configs/gpt2.py:tiny --workdir runs/two
 
 Starts `python -m jaxft.train <args>` (or --module) N times with the coordinator on
-127.0.0.1 and JAXFT_NUM_PROCESSES / JAXFT_PROCESS_ID set, so each process joins through
-jax.distributed exactly as on a pod; with --devices_per_process each one sees that many CPU
-devices. Output lines are prefixed with the process index. If a process fails, the others get
---grace_s seconds to notice (their coordination service stops them) and are then terminated;
-the launcher exits with the failing process's code and says which one failed.
+127.0.0.1 (--host: another loopback address) and JAXFT_NUM_PROCESSES / JAXFT_PROCESS_ID set, so
+each process joins through jax.distributed exactly as on a pod; with --devices_per_process each
+one sees that many CPU devices. Output lines are prefixed with the process index. If a process
+fails, the others get --grace_s seconds to notice (their coordination service stops them) and
+are then terminated; the launcher exits with the failing process's code and says which one
+failed.
+
+Nothing listens beyond loopback: the coordinator binds the loopback address (through
+JAX_COORDINATOR_BIND_ADDRESS, which jax.distributed reads itself, unless already set), and
+jaxft's distributed.initialize puts the gloo CPU collectives there too (docs/scaling.md, "Ports
+and interfaces").
 """
 
+import ipaddress
 import os
 import signal
 import socket
@@ -22,16 +29,32 @@ import time
 from absl import app, flags
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
+def _loopback(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+  try:
+    ip = ipaddress.ip_address(host)
+  except ValueError:  # a name: what it resolves to is not ours to promise
+    ip = None
+  if ip is None or not ip.is_loopback:
+    raise ValueError(f"--host={host} must be a loopback address (127.0.0.1, ::1, any "
+                     "127.x.x.x): these processes all run on this machine")
+  return ip
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+  family = socket.AF_INET6 if _loopback(host).version == 6 else socket.AF_INET
+  with socket.socket(family) as s:
+    s.bind((host, 0))
     return s.getsockname()[1]
 
 
-def process_env(index: int, num: int, port: int, devices: int | None) -> dict[str, str]:
-  env = {**os.environ, "JAXFT_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+def process_env(index: int, num: int, port: int, devices: int | None,
+                host: str = "127.0.0.1") -> dict[str, str]:
+  address = f"[{host}]:{port}" if _loopback(host).version == 6 else f"{host}:{port}"
+  env = {**os.environ, "JAXFT_COORDINATOR_ADDRESS": address,
          "JAXFT_NUM_PROCESSES": str(num), "JAXFT_PROCESS_ID": str(index),
          "PYTHONUNBUFFERED": "1"}
+  # For programs that call jax.distributed.initialize themselves: it binds [::]:port otherwise.
+  env.setdefault("JAX_COORDINATOR_BIND_ADDRESS", address)
   if devices:
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
   return env
@@ -45,16 +68,16 @@ def _relay(index: int, stream, out) -> None:
 
 def launch(args: list[str], num_processes: int, *, module: str = "jaxft.train",
            devices_per_process: int | None = None, port: int = 0, grace_s: float = 30.0,
-           cwd: str | None = None) -> int:
+           cwd: str | None = None, host: str = "127.0.0.1") -> int:
   """Runs the processes to the end; returns 0, or the exit code of the first that failed."""
   if num_processes < 1:
     raise ValueError(f"--num_processes={num_processes} must be >= 1")
-  port = port or free_port()
+  port = port or free_port(host)
   procs = []
   for i in range(num_processes):
     cmd = [sys.executable, "-m", module, *args] if module else [sys.executable, *args]
     p = subprocess.Popen(cmd, cwd=cwd,
-                         env=process_env(i, num_processes, port, devices_per_process),
+                         env=process_env(i, num_processes, port, devices_per_process, host),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     threading.Thread(target=_relay, args=(i, p.stdout, sys.stdout), daemon=True).start()
     procs.append(p)
@@ -94,7 +117,9 @@ def _define_flags() -> None:
                        "(JAX_NUM_CPU_DEVICES); default: the platform's own")
   flags.DEFINE_string("module", "jaxft.train", "python -m module every process runs; '' = the "
                       "arguments are the whole python command line")
-  flags.DEFINE_integer("port", 0, "coordinator port on 127.0.0.1; 0 = a free one")
+  flags.DEFINE_string("host", "127.0.0.1", "loopback address the coordinator and the CPU "
+                      "collectives listen on (127.0.0.1, ::1, any 127.x.x.x)")
+  flags.DEFINE_integer("port", 0, "coordinator port on --host; 0 = a free one")
   flags.DEFINE_float("grace_s", 30.0, "after a failure, seconds before the others are "
                      "terminated")
 
@@ -105,7 +130,7 @@ def main(argv):
     args = args[1:]
   f = flags.FLAGS
   sys.exit(launch(args, f.num_processes, module=f.module, devices_per_process=f.devices_per_process,
-                  port=f.port, grace_s=f.grace_s))
+                  port=f.port, grace_s=f.grace_s, host=f.host))
 
 
 if __name__ == "__main__":

@@ -16,14 +16,27 @@ Failures are bounded: joining waits at most JAXFT_INIT_TIMEOUT_S (300 s), and a 
 stops sending heartbeats for JAXFT_HEARTBEAT_TIMEOUT_S (60 s) makes the coordination service
 stop every other process with an error naming the missing task, instead of leaving them blocked
 in a collective. On CPU the processes run their collectives over gloo.
+
+Ports: process 0 serves the coordinator (gRPC) on the coordinator address's port, and every
+process's gloo CPU collectives listen on a port of their own. With a loopback coordinator address
+(127.x.x.x, ::1, localhost: what launch.local gives) both listen on that loopback address only;
+otherwise JAX's defaults hold (the coordinator on all interfaces, gloo on the address this host's
+name resolves to), since the other hosts must reach them. JAXFT_COORDINATOR_BIND_ADDRESS
+(host:port; JAX's own JAX_COORDINATOR_BIND_ADDRESS too) and JAXFT_CPU_COLLECTIVES_HOST (a host
+name or address of this machine) override the two.
 """
 
 import contextlib
+import ipaddress
 import logging
 import os
 
 import jax
+import jax.extend.backend
 import numpy as np
+from jax._src import distributed as jax_distributed  # private: see _gloo_listens_on
+from jax._src import xla_bridge
+from jax._src.lib import _jax
 from jax.experimental import multihost_utils
 
 log = logging.getLogger("jaxft")
@@ -42,6 +55,33 @@ def _cluster_detected() -> str | None:
   if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
     return "Open MPI"
   return None
+
+
+def loopback_host(address: str) -> str | None:
+  """The host of `address` (host:port, [v6]:port) if it is a loopback one, else None."""
+  host = address.rsplit(":", 1)[0].strip("[]")
+  if host == "localhost":
+    return host
+  try:
+    return host if ipaddress.ip_address(host).is_loopback else None
+  except ValueError:  # a host name: it may well name another machine
+    return None
+
+
+def _gloo_listens_on(hostname: str) -> None:
+  """Makes the CPU backend's gloo collectives listen on `hostname`: JAX builds them without a
+  hostname, and gloo then binds the address that this machine's name resolves to, which is
+  usually a network interface. Re-registering the "cpu" factory is allowed until the backend is
+  first used, and jax.distributed.initialize must come before that anyway."""
+  # The two hooks are private: make_cpu_client(collectives=) and jaxlib's gloo constructor (whose
+  # hostname argument the default path leaves unset); tests/test_ports.py checks they still work.
+  def make_cpu_client():
+    collectives = _jax.make_gloo_tcp_collectives(
+        distributed_client=jax_distributed.global_state.client, hostname=hostname)
+    return xla_bridge.make_cpu_client(collectives=collectives)
+
+  jax.extend.backend.register_backend_factory("cpu", make_cpu_client, priority=0,
+                                              fail_quietly=False)
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -68,10 +108,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   timeouts = dict(initialization_timeout=int(os.environ.get("JAXFT_INIT_TIMEOUT_S", 300)),
                   heartbeat_timeout_seconds=int(os.environ.get("JAXFT_HEARTBEAT_TIMEOUT_S", 60)))
+  # One machine: nothing outside it has to reach the ports, so listen on loopback only (JAX
+  # would bind the coordinator to [::] and gloo to the host name's address).
+  loopback = loopback_host(coordinator_address) if coordinator_address else None
+  bind = os.environ.get("JAXFT_COORDINATOR_BIND_ADDRESS") or None
+  if bind is None and loopback and not os.environ.get("JAX_COORDINATOR_BIND_ADDRESS"):
+    bind = coordinator_address
   if coordinator_address is not None:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeouts)
-  else:
-    jax.distributed.initialize(**timeouts)  # JAX reads the cluster's own variables
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               coordinator_bind_address=bind, **timeouts)
+  else:  # JAX reads the cluster's own variables
+    jax.distributed.initialize(coordinator_bind_address=bind, **timeouts)
+  gloo_host = os.environ.get("JAXFT_CPU_COLLECTIVES_HOST") or loopback
+  if gloo_host:  # after a successful join: the factory needs the distributed client
+    _gloo_listens_on(gloo_host)
   log.info("process %d of %d (%s) with %d local devices, %d in all", jax.process_index(),
            jax.process_count(), cluster or f"coordinator {coordinator_address}",
            jax.local_device_count(), jax.device_count())
