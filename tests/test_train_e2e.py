@@ -1,6 +1,7 @@
 """The training loop end to end: outputs, resume after SIGKILL, NaN halt, user errors."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -56,8 +57,37 @@ def _logged_losses(workdir):
           if "train/loss" in r]
 
 
-def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path):
-  """Dropout on, so the per-step keys must replay exactly too."""
+def _in_progress_save(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any("tmp" in name for name in os.listdir(directory))
+
+
+def _run_until(cmd, env, log_path, moment, workdir):
+  """Starts a training run and SIGKILLs it at `moment`: ("step", n) once step n is logged,
+  ("save",) while Orbax is writing a checkpoint in the background (its tmp directory exists),
+  ("start", s) s seconds after start (during imports or compilation)."""
+  with open(log_path, "w") as out:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+  t0, deadline = time.time(), time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if moment[0] == "save" and _in_progress_save(workdir):
+      break
+    if moment[0] == "start" and time.time() - t0 >= moment[1]:
+      break
+    logged = _logged_losses(workdir) if moment[0] == "step" else []
+    if logged and logged[-1][0] >= moment[1]:
+      break
+    time.sleep(0.001 if moment[0] == "save" else 0.02)
+  assert proc.poll() is None, f"the run ended before it could be killed at {moment}"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return open(log_path).read()
+
+
+def test_sigkill_at_random_moments_then_rerun_is_bit_identical(tmp_path):
+  """A bounded loop of kills (after a random step, during an async save, during start-up), each
+  followed by a rerun that resumes; the last rerun finishes. Dropout on, so the per-step keys
+  must replay exactly too; every logged loss and the final params equal an uninterrupted run's."""
   corpus = write_corpus(str(tmp_path / "corpus"))
   tfds_dir, steps = str(tmp_path / "tfds"), 60
   env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
@@ -66,49 +96,108 @@ def test_sigkill_mid_run_then_rerun_is_bit_identical(tmp_path):
                  capture_output=True)
 
   killed = str(tmp_path / "killed")
-  proc = subprocess.Popen(_train_cmd(killed, corpus, tfds_dir, steps), cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    logged = _logged_losses(killed) if os.path.exists(os.path.join(killed, "metrics.jsonl")) \
-        else []
-    if logged and logged[-1][0] >= 25:  # past the step-20 checkpoint, before the end
-      break
-    time.sleep(0.02)
-  assert proc.poll() is None, "the run ended before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  cmd = _train_cmd(killed, corpus, tfds_dir, steps)
+  rng = np.random.default_rng(0)
+  moments = [("step", int(rng.integers(12, 45))), ("save",), ("start", float(rng.uniform(1, 4)))]
+  for i, moment in enumerate(moments):
+    saved = checkpoint.Checkpointer(killed, 3) if os.path.isdir(killed) else None
+    newest = saved.latest_step() if saved else None
+    if saved:
+      saved.close()
+    out = _run_until(cmd, env, str(tmp_path / f"run{i}.log"), moment, killed)
+    if newest is not None and moment[0] != "start":  # it got far enough to say so
+      assert f"resumed from step {newest} in {killed}/checkpoints" in out, (moment, out[-2000:])
+      assert "taking over the stale lock of a run that is gone" in out
   assert _logged_losses(killed)[-1][0] < steps
-  subprocess.run(_train_cmd(killed, corpus, tfds_dir, steps), cwd=ROOT, env=env, check=True,
-                 capture_output=True)
+  subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
 
-  assert _logged_losses(killed) == _logged_losses(straight)  # exact floats, every step
+  assert _logged_losses(killed) == _logged_losses(straight)  # exact floats, every step once
   _, _, p_straight = helpers.open_trained(straight)
   _, _, p_killed = helpers.open_trained(killed)
   import jax
-  for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_killed)):
+  for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_killed), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_nonfinite_loss_halts_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  healthy = optim.lr_schedule
+def _poison(where, seed, at_step):
+  """The task's loss with a NaN entering the real computation at one step: in the loss value
+  (its gradient stays finite) or in the gradients only (the loss stays finite). The step is
+  recognised by its dropout key, fold_in(train key, step) as jaxft/run/steps.py draws it."""
+  import jax
+  import jax.numpy as jnp
 
-  def breaks_at_step_5(optim_cfg, num_steps):
-    import jax.numpy as jnp
-    base = healthy(optim_cfg, num_steps)
-    return lambda step: jnp.where(step < 4, base(step), jnp.nan)
+  from jaxft.tasks import causal_lm
 
-  monkeypatch.setattr(optim, "lr_schedule", breaks_at_step_5)
-  config = train_config(tmp_path, num_steps=8, checkpoint_every=2, eval_every=100)
+  _, train_key = jax.random.split(jax.random.key(seed))
+  target = jax.random.key_data(jax.random.fold_in(train_key, at_step))
+  healthy = causal_lm.CausalLM.loss
+
+  @jax.custom_vjp
+  def nan_gradient(x, factor):
+    return x
+
+  def fwd(x, factor):
+    return x, factor
+
+  def bwd(factor, g):
+    return g * factor, jnp.zeros_like(factor)
+
+  nan_gradient.defvjp(fwd, bwd)
+
+  def loss(self, variables, batch, rng, deterministic=False):
+    loss_sum, aux = healthy(self, variables, batch, rng, deterministic)
+    if rng is None:  # evaluation
+      return loss_sum, aux
+    hit = jnp.all(jax.random.key_data(rng) == target)
+    if where == "loss":
+      loss_sum = loss_sum + jax.lax.stop_gradient(jnp.where(hit, jnp.nan, 0.0))
+    else:
+      loss_sum = nan_gradient(loss_sum, jnp.where(hit, jnp.nan, 1.0))
+    return loss_sum, aux
+
+  return loss
+
+
+@pytest.mark.parametrize("where, quantity", [("loss", "train/loss"),
+                                             ("gradients", "train/grad_norm"),
+                                             ("update", "train/update_norm")])
+def test_nonfinite_values_halt_and_the_rerun_resumes_from_the_last_good_checkpoint(
+    tmp_path, monkeypatch, caplog, where, quantity):
+  from jaxft.tasks import causal_lm
+
+  config = train_config(tmp_path, num_steps=8, checkpoint_every=2, eval_every=100,
+                        **{"sample.max_new_tokens": 0, "optim.warmup_steps": 0})
+  if where == "update":  # a NaN learning rate from step 5 on: only the update carries it
+    healthy = optim.lr_schedule
+
+    def breaks_at_step_5(optim_cfg, num_steps):
+      import jax.numpy as jnp
+      base = healthy(optim_cfg, num_steps)
+      return lambda step: jnp.where(step < 4, base(step), jnp.nan)
+
+    monkeypatch.setattr(optim, "lr_schedule", breaks_at_step_5)
+  else:
+    monkeypatch.setattr(causal_lm.CausalLM, "loss", _poison(where, config.seed, at_step=4))
   workdir = str(tmp_path / "run")
   with pytest.raises(train.NonFiniteLossError,
-                     match=r"train/update_norm became nan at step 5.*last good checkpoint is "
-                           r"step 4"):
+                     match=rf"{quantity} became nan at step 5.*last good checkpoint is step 4"):
     train.train_and_evaluate(config, workdir)
-  assert checkpoint.Checkpointer(workdir, 3).latest_step() == 4
-  _, _, params = helpers.open_trained(workdir)
+  assert [s for s, _ in _logged_losses(workdir)] == [1, 2, 3, 4]  # nothing after the NaN
+  ckpt = checkpoint.Checkpointer(workdir, 3)
+  assert ckpt.steps() == [4, 2]
+  ckpt.close()
+  _, _, params = helpers.open_trained(workdir, best=False)
   import jax
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  if where != "gradients":
+    return
+  monkeypatch.undo()  # the fix: a lower learning rate, and the NaN gone
+  config.optim.lr = config.optim.lr / 2
+  with caplog.at_level(logging.INFO, logger="jaxft"):
+    train.train_and_evaluate(config, workdir)
+  assert f"resumed from step 4 in {workdir}/checkpoints" in caplog.text
+  assert [s for s, _ in _logged_losses(workdir)] == list(range(1, 9))
+  assert all(np.isfinite(loss) for _, loss in _logged_losses(workdir))
 
 
 def _cli(*args):
