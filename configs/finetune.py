@@ -58,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test = ""  # "" = carved from train (test_fraction)
   c.data.text_field = "text"  # CSV/JSONL column holding the text
   c.data.label_field = "label"  # CSV/JSONL column holding the label
+  c.data.encoding = "utf-8"  # of your files (any Python codec: latin-1, cp1252, utf-16, ...)
+  c.data.encoding_errors = "strict"  # strict: undecodable bytes are an error; replace: U+FFFD
   c.data.labels = ""  # comma-separated label names in id order; "" = sorted training labels
   c.data.validation_fraction = 0.1
   c.data.test_fraction = 0.1

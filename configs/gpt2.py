@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.files = ""  # glob(s) of .txt / .jsonl training files; "" = embedded Shakespeare
   c.data.validation_files = ""  # glob(s); "" = embedded split, or a held-out fraction of files
   c.data.text_field = "text"  # the text field of .jsonl records
+  c.data.encoding = "utf-8"  # of your files (any Python codec: latin-1, cp1252, utf-16, ...)
+  c.data.encoding_errors = "strict"  # strict: undecodable bytes are an error; replace: U+FFFD
   c.data.validation_fraction = 0.05  # documents held out when validation_files is ""
   c.data.chunk_chars = 8000  # long documents are cut into chunks this long so shuffling mixes
   c.data.tokenizer = ""  # "" = GPT-2 byte-level BPE (offline); or a HF tokenizer directory

@@ -9,7 +9,7 @@ as workdir/report_{split}.json.
 
 from absl import app, flags
 
-from jaxft.run import evaluation, loader
+from jaxft.run import cli, evaluation, loader
 from jaxft.run import workdir as workdir_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "jaxft training directory")
@@ -36,7 +36,8 @@ def main(argv):
   del argv
   if not _WORKDIR.value:
     raise app.UsageError("give --workdir (a jaxft training directory)")
-  evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _LATEST.value)
+  with cli.user_errors("evaluate"):
+    evaluate_run(_WORKDIR.value, _SPLIT.value, _STEP.value, _LATEST.value)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,18 @@
 adapter-only directory works too. --init_from: a Hugging Face GPT-2 directory (config.json +
 weights; its tokenizer files if it has them, else GPT-2's BPE). Sampling follows transformers'
 order: temperature, then top-k, then top-p; temperature 0 is greedy.
+
+--prompts_file: one prompt per line (empty lines are skipped), decoded as --encoding (default:
+the run's config.data.encoding, the encoding of the text it was trained on; utf-8 for a Hugging
+Face directory) with --encoding_errors.
 """
+
+import os
 
 from absl import app, flags
 
+from jaxft.data import textio
+from jaxft.data.textio import ENCODING_ERRORS, FLAGS_UTF8, Encoding
 from jaxft.models import generation
 from jaxft.run import loader
 
@@ -26,6 +34,11 @@ def _define_flags() -> None:
   flags.DEFINE_multi_string("prompt", [], "prompt text; repeat for a batch; '' samples "
                             "unconditionally (from the EOS token)")
   flags.DEFINE_string("prompts_file", None, "text file with one prompt per line")
+  flags.DEFINE_string("encoding", None, "of --prompts_file (any Python codec: utf-8, latin-1, "
+                      "...); default the run's config.data.encoding, else utf-8")
+  flags.DEFINE_enum("encoding_errors", None, list(ENCODING_ERRORS), "strict: undecodable bytes "
+                    "in --prompts_file are an error; replace: decode them as U+FFFD (with a "
+                    "warning); default the run's, else strict")
   flags.DEFINE_integer("max_new_tokens", 100, "tokens to generate per prompt")
   flags.DEFINE_float("temperature", 1.0, "softmax temperature; 0 = greedy")
   flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens; 0 = all")
@@ -42,14 +55,19 @@ def open_generator(path: str, step: int | None = None) -> loader.Run:
   return run
 
 
-def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+_NO_PROMPTS = "give --prompt (repeatable) or --prompts_file; --prompt '' samples unconditionally"
+
+
+def read_prompts(prompts: list[str], prompts_file: str | None,
+                 encoding: Encoding = FLAGS_UTF8) -> list[str]:
   prompts = list(prompts)
   if prompts_file:
-    with open(prompts_file) as f:
-      prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not os.path.isfile(prompts_file):
+      raise FileNotFoundError(f"--prompts_file={prompts_file} is not a file")
+    prompts += [line.rstrip("\n") for _, line in textio.read_lines(prompts_file, encoding)
+                if line.strip()]
   if not prompts:
-    raise app.UsageError("give --prompt (repeatable) or --prompts_file; --prompt '' samples "
-                         "unconditionally")
+    raise app.UsageError(_NO_PROMPTS)
   return prompts
 
 
@@ -59,10 +77,19 @@ def main(argv):
   if (f.workdir is None) == (f.init_from is None):
     raise app.UsageError("give exactly one of --workdir (a jaxft run) or --init_from (a Hugging "
                          "Face GPT-2 directory)")
-  prompts = read_prompts(f.prompt, f.prompts_file)
+  # Flag mistakes before the model is loaded; the file is read after, in the run's encoding.
+  if not f.prompt and not f.prompts_file:
+    raise app.UsageError(_NO_PROMPTS)
+  if f.prompts_file and not os.path.isfile(f.prompts_file):
+    raise app.UsageError(f"--prompts_file={f.prompts_file} is not a file")
   run = open_generator(f.workdir or f.init_from, f.step)
   tok = run.tokenizer()
-  ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
+  try:
+    prompts = read_prompts(f.prompt, f.prompts_file,
+                           Encoding.of_flags(f.encoding, f.encoding_errors, run.config.get("data")))
+    ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
+  except (ValueError, FileNotFoundError) as e:  # bad input or setting: the message, no traceback
+    raise SystemExit(f"jaxft.generate: {e}") from None
   outs = generation.generate(run.model, run.variables, ids, max_new_tokens=f.max_new_tokens,
                              temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
                              seed=f.seed, eos_id=tok.eos_id)

@@ -10,6 +10,7 @@ sports=Sport,tech=Technology --scoring mean --output report.json
 from absl import app, flags
 
 from jaxft.data.prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, unescape
+from jaxft.data.textio import ENCODING_ERRORS
 from jaxft.inference.prompt_scoring import SCORINGS
 from jaxft.inference.prompting import SPLITS, Options, run
 
@@ -29,6 +30,10 @@ def _define_flags() -> None:
   flags.DEFINE_float("validation_fraction", 0.1, "share of --train carved into validation")
   flags.DEFINE_float("test_fraction", 0.1, "share of --train carved into test")
   flags.DEFINE_integer("split_seed", 0, "shuffle seed for carving splits")
+  flags.DEFINE_string("encoding", "utf-8", "of the data files (any Python codec: latin-1, "
+                      "cp1252, ...)")
+  flags.DEFINE_enum("encoding_errors", "strict", list(ENCODING_ERRORS), "strict: undecodable "
+                    "bytes are an error; replace: decode them as U+FFFD (with a warning)")
   flags.DEFINE_string("data_dir", "", "TFDS cache ('' = $JAXFT_DATA_DIR or ~/.cache/jaxft/tfds)")
   flags.DEFINE_enum("split", "test", list(SPLITS), "split to score")
   flags.DEFINE_integer("max_examples", None, "score this many examples of the split (drawn "
@@ -67,7 +72,8 @@ def main(argv):
         options=options, dataset=f.dataset, train=f.train, validation=f.validation, test=f.test,
         text_field=f.text_field, label_field=f.label_field,
         validation_fraction=f.validation_fraction, test_fraction=f.test_fraction,
-        split_seed=f.split_seed, data_dir=f.data_dir)
+        split_seed=f.split_seed, data_dir=f.data_dir, encoding=f.encoding,
+        encoding_errors=f.encoding_errors)
   except (ValueError, FileNotFoundError) as e:  # a setting to fix: the message, no traceback
     raise SystemExit(f"jaxft.prompt_eval: {e}") from None
 

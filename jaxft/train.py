@@ -14,6 +14,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxft.parallel import distributed
+from jaxft.run import cli
 from jaxft.training import NonFiniteLossError, compile_only, train_and_evaluate
 
 __all__ = ["NonFiniteLossError", "compile_only", "train_and_evaluate"]  # for callers of jaxft.train
@@ -51,11 +52,12 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required (where checkpoints and logs go)")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except NonFiniteLossError as e:
-    log.error("%s", e)
-    raise SystemExit(3) from None
+  with cli.user_errors("train"):  # bad config or input, refused resume, locked workdir
+    try:
+      train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except NonFiniteLossError as e:  # exit 3: diverged (rerun with a fix to resume)
+      log.error("%s", e)
+      raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

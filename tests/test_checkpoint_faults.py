@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -212,11 +214,18 @@ def test_a_second_run_on_a_workdir_is_refused_and_a_stale_lock_is_taken_over(tmp
   try:
     with pytest.raises(lock.WorkdirLockedError) as err:
       train.train_and_evaluate(config, workdir)
+    # The command line says the same in one line and exit code 1, no traceback.
+    out = subprocess.run([sys.executable, "-m", "jaxft.train", "--config",
+                          "configs/gpt2.py:tiny", "--workdir", workdir], cwd=helpers.ROOT,
+                         capture_output=True, text=True, env={**os.environ,
+                                                             "JAX_PLATFORMS": "cpu"})
   finally:
     holder.release()
-  assert f"{workdir} is in use by another run (pid {os.getpid()} on host " in str(err.value)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  held = f"{workdir} is in use by another run (pid {os.getpid()} on host "
+  assert f"jaxft.train: {held}" in out.stderr and held in str(err.value)
   assert "train into another --workdir" in str(err.value)
-  assert os.listdir(workdir) == [lock.LOCK_FILE]  # the refused run wrote nothing
+  assert os.listdir(workdir) == [lock.LOCK_FILE]  # the refused runs wrote nothing
 
   # A run that died (SIGKILL drops its flock) leaves its record: the next run takes over.
   with open(os.path.join(workdir, lock.LOCK_FILE), "w") as f:

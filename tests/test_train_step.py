@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxft import hf, tasks
+from jaxft import hf, tasks, trees
 from jaxft.parallel import sharding
 from jaxft.run import optim, steps
 from jaxft.run import state as state_lib
 from tests.helpers import random_batch, tiny_config
 
 
-def run_steps(config, devices, n_steps=2, batch_seed=0, hf_tensors=None):
+def run_steps(config, devices, n_steps=3, batch_seed=0, hf_tensors=None):
   """Losses of n_steps train steps on one fixed batch, and the final params on the host.
   `hf_tensors` (an HF state dict) replace the random initial params."""
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -37,6 +37,14 @@ def run_steps(config, devices, n_steps=2, batch_seed=0, hf_tensors=None):
   return np.array(losses), jax.device_get(state.params), state
 
 
+def updating_config(**model):
+  """The tiny config without warmup: its first update already has the peak learning rate (with
+  the tiny variant's warmup the first update is 0 and proves nothing about the update)."""
+  config = tiny_config(**model)
+  config.optim.warmup_steps = 0
+  return config
+
+
 def _factorisations(n=8):
   for d, f in itertools.product([1, 2, 4, 8], repeat=2):
     if n % (d * f) == 0:
@@ -45,17 +53,39 @@ def _factorisations(n=8):
 
 @pytest.fixture(scope="module")
 def reference():
-  config = tiny_config()
+  """(losses, final params, initial params) of 3 updates on one device."""
+  config = updating_config()
   config.mesh.data = 1
-  return run_steps(config, jax.devices()[:1])
+  losses, params, _ = run_steps(config, jax.devices()[:1])
+  initial = run_steps(config, jax.devices()[:1], n_steps=0)[1]  # no step: nothing compiled
+  return losses, params, initial
+
+
+def assert_same_training(losses, params, reference, flatten=lambda p: trees.flat(p["params"])):
+  """Per-step losses and the params after the last update equal the reference's. Adam
+  normalises each entry's gradient, so a 1e-7 relative gradient difference in an entry whose
+  gradient is near eps moves that entry by up to ~1e-5 (1% of one step's lr): elementwise 5e-5,
+  and over the whole tree 1e-3 of the distance the reference's params travelled."""
+  ref_losses, ref_params, initial = reference
+  assert np.all(np.abs(np.diff(ref_losses)) > 1e-2)  # every update really moved the model
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6, atol=0)
+  flat, ref, init = (flatten(t) for t in (params, ref_params, initial))
+  assert flat.keys() == ref.keys()
+  for key, value in flat.items():
+    np.testing.assert_allclose(value, ref[key], rtol=0, atol=5e-5, err_msg=str(key))
+  gap = np.sqrt(sum(np.sum((flat[k] - ref[k]) ** 2) for k in ref))
+  travelled = np.sqrt(sum(np.sum((ref[k] - init[k]) ** 2) for k in ref))
+  assert gap <= 1e-3 * travelled, (gap, travelled)
 
 
 @pytest.mark.parametrize("data,fsdp,tensor", list(_factorisations()))
 def test_every_mesh_shape_gives_the_single_device_loss(reference, data, fsdp, tensor):
-  config = tiny_config()
+  """3 real updates (no warmup) on every data x fsdp x tensor factorisation of 8 devices: the
+  losses of each step and the final params of one device."""
+  config = updating_config()
   config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
   losses, params, state = run_steps(config, jax.devices())
-  np.testing.assert_allclose(losses, reference[0], rtol=0, atol=1e-5)
+  assert_same_training(losses, params, reference)
   kernel = state.params["params"]["transformer"]["h_0"]["mlp"]["fc"]["kernel"]
   # [embed, mlp] is split fsdp x tensor ways: per-device bytes shrink as FSDP/TP grow.
   assert kernel.addressable_shards[0].data.size == kernel.size // (fsdp * tensor)
@@ -84,36 +114,114 @@ def _record_gradient():
       update=lambda grads, _, params=None: (jax.tree.map(jax.numpy.zeros_like, grads), grads))
 
 
-def _gradient(config):
-  mesh = sharding.make_mesh(config.mesh)
-  task = tasks.make_task(config)
+ACCUM = 4  # micro-batch i of the 8 rows: rows i and i + 4 (steps._split_micro)
+
+
+def _accum_case(task_name, dropout=0.0):
+  """(config, task, batch) whose 4 micro-batches carry unequal real weights: causal LM 2, 6,
+  14 and 28 target tokens (the rest padding), classification 2, 1, 1 and 1 real examples."""
+  if task_name == "causal_lm":
+    config = tiny_config(embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout)
+    batch = random_batch(config, 1)
+    for row in range(config.batch_size):
+      real = [1, 3, 8, 15][row % ACCUM]  # random_batch already masks position 7
+      batch["loss_mask"][row, real:] = 0.0
+      batch["segment_ids"][row, real + 1:] = 0  # padding after the last real target
+    return config, tasks.make_task(config), batch
+  from configs import finetune
+  config = finetune.get_config("classification")
+  config.init_from = ""
+  config.model.update(vocab_size=1000, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+  config.seq_len, config.batch_size = 16, 8
+  rng = np.random.default_rng(0)
+  segment_ids = (np.arange(16)[None] < rng.integers(4, 17, size=(8, 1))).astype(np.int32)
+  batch = {"inputs": rng.integers(1, 1000, size=(8, 16), dtype=np.int32) * segment_ids,
+           "segment_ids": segment_ids, "token_types": np.zeros((8, 16), np.int32),
+           "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16)).copy(),
+           "labels": rng.integers(0, 3, size=8).astype(np.int32),
+           "example_mask": np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)}  # 3 padding rows
+  return config, tasks.make_task(config, labels=["a", "b", "c"]), batch
+
+
+def _steps(config, task, *grad_accum_steps):
+  """A train state on a data=2 mesh, its frozen part, the batch sharding and a real jitted
+  train step (steps.jit_steps) per grad_accum_steps, with _record_gradient as the optimizer:
+  the params never change, so one state serves several steps."""
+  config.mesh.data = 2
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:2])
   tx = _record_gradient()
-  state, frozen, shardings, _ = state_lib.create_train_state(
+  state, frozen, shardings, lay = state_lib.create_train_state(
       task, tx, seq_len=config.seq_len, seed=0, mesh=mesh, axis_rules=config.axis_rules)
-  batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
-  step = jax.jit(steps.make_train_step(task.loss, tx, lambda s: 1.0, config.grad_accum_steps),
-                 in_shardings=(shardings, None, batch_sh), out_shardings=(shardings, None))
-  after, metrics = step(state, frozen, sharding.global_batch(random_batch(config, 1), batch_sh))
-  return float(metrics["loss"]), jax.device_get(after.opt_state)
+  fns = []
+  for n in grad_accum_steps:
+    config.grad_accum_steps = n
+    fns.append(steps.jit_steps(task, tx, lambda s: 1.0, config, lay, shardings, mesh)[0])
+  return state, frozen, sharding.batch_sharding(mesh, config.axis_rules), fns
 
 
-def test_grad_accumulation_equals_full_batch():
-  full_cfg = tiny_config()
-  acc_cfg = tiny_config()
-  acc_cfg.grad_accum_steps = 4
-  full_loss, full_grads = _gradient(full_cfg)
-  acc_loss, acc_grads = _gradient(acc_cfg)
-  assert acc_loss == pytest.approx(full_loss, rel=1e-6)
-  for path, a in jax.tree_util.tree_leaves_with_path(acc_grads):
-    b = _at(full_grads, path)
-    # Relative to the tensor's norm: elementwise rtol is meaningless for entries near zero.
-    assert np.linalg.norm(a - b) <= 1e-6 * np.linalg.norm(b) + 1e-12, path
+def _micro_weights(batch):
+  mask = batch["loss_mask"] if "loss_mask" in batch else batch["example_mask"]
+  return [float(mask[i::ACCUM].sum()) for i in range(ACCUM)]
 
 
-def _at(tree, path):
-  for k in path:
-    tree = tree[k.key]
-  return tree
+def _assert_same_gradient(a, b):
+  """Each tensor within 1e-6 of its norm (elementwise rtol is meaningless for entries near
+  zero), plus 1e-9 of the whole gradient's norm for tensors whose gradient is zero in exact
+  arithmetic (the key bias's: softmax ignores it) and float noise in practice."""
+  b = trees.flat(b)
+  floor = 1e-9 * np.sqrt(sum(np.sum(g ** 2) for g in b.values()))
+  assert trees.flat(a).keys() == b.keys()
+  for key, value in trees.flat(a).items():
+    assert np.linalg.norm(value - b[key]) <= 1e-6 * np.linalg.norm(b[key]) + floor, key
+
+
+@pytest.mark.parametrize("task_name", ["causal_lm", "classification"])
+def test_grad_accumulation_weights_micro_batches_by_their_real_tokens(task_name):
+  """4 micro-batches of unequal real weight (tokens; examples for classification) give the
+  full batch's loss and gradient: one mean over all real tokens, not a mean of 4 means (which
+  misses by ~1e-3 relative in the loss and ~10% in the gradient on this batch)."""
+  config, task, batch = _accum_case(task_name)
+  assert len(set(_micro_weights(batch))) > 1
+  state, frozen, batch_sh, (full_step, acc_step) = _steps(config, task, 1, ACCUM)
+  batch = sharding.global_batch(batch, batch_sh)
+  state, full = full_step(state, frozen, batch)
+  full_grads = jax.device_get(state.opt_state)
+  state, acc = acc_step(state, frozen, batch)
+  assert float(acc["loss"]) == pytest.approx(float(full["loss"]), rel=1e-6)
+  _assert_same_gradient(jax.device_get(state.opt_state), full_grads)
+
+
+@pytest.mark.parametrize("task_name", ["causal_lm", "classification"])
+def test_grad_accumulation_with_dropout_draws_each_micro_batch_its_own_masks(task_name):
+  """With dropout, micro-batch i draws its masks from fold_in(step key, i) at the micro-batch's
+  shape, so its rows get other masks than in a full-batch step (which draws [8, ...] masks from
+  the step key): accumulation cannot equal the full batch then, by design. What holds: the
+  accumulated loss and gradient are the weighted sum of each micro-batch's own dropout loss and
+  gradient under those keys, over the total weight (and no two micro-batches share a key)."""
+  config, task, batch = _accum_case(task_name, dropout=0.2)
+  state, frozen, batch_sh, (acc_step,) = _steps(config, task, ACCUM)
+  params, rng = jax.device_get((state.params, state.rng))  # before the step donates them
+  after, acc = acc_step(state, frozen, sharding.global_batch(batch, batch_sh))
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), 0)
+  keys = [jax.random.fold_in(step_key, i) for i in range(ACCUM)]
+  grad = jax.jit(jax.value_and_grad(lambda v, b, k: task.loss(v, b, k, False), has_aux=True))
+
+  def micro_sums(keys):  # [(loss sum, aux sums), grads] of each micro-batch alone, on the host
+    return [jax.device_get(grad(params, {f: x[i::ACCUM] for f, x in batch.items()}, key))
+            for i, key in enumerate(keys)]
+
+  micro = micro_sums(keys)
+  weight = sum(_micro_weights(batch))
+  loss = sum(float(s) for (s, _), _ in micro) / weight
+  grads = jax.tree.map(lambda *g: sum(g) / weight, *[g for _, g in micro])
+  assert float(acc["loss"]) == pytest.approx(loss, rel=1e-6)
+  _assert_same_gradient(jax.device_get(after.opt_state), grads)
+  # The masks matter: with the keys handed to other micro-batches the loss misses by 100x the
+  # tolerance above (random-init token losses are all near ln V, so masks move it little).
+  rotated = micro_sums(keys[1:] + keys[:1])
+  assert abs(sum(float(s) for (s, _), _ in rotated) / weight - loss) > 1e-4 * loss
 
 
 def test_batch_not_divisible_by_data_parallel_size_names_the_field():
@@ -232,22 +340,12 @@ def test_logits_stay_sharded_over_batch_and_vocab():
 def test_scan_over_layers_trains_exactly_like_the_layer_loop(reference, remat):
   """nn.scan over the blocks (params stacked on a leading "layers" axis) with each remat
   policy, on a 2 x 2 x 2 mesh, from the same weights: the losses of the plain model."""
-  config = tiny_config(scan_layers=True, remat=remat)
+  config = updating_config(scan_layers=True, remat=remat)
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  plain = tiny_config()
-  plain.mesh.data = 1
-  task = tasks.make_task(plain)
-  first = state_lib.random_variables(
-      task, plain.seq_len, plain.seed,
-      state_lib.layout(task, plain.seq_len, sharding.make_mesh(plain.mesh, jax.devices()[:1]),
-                       plain.axis_rules))
   losses, params, state = run_steps(config, jax.devices(),
-                                    hf_tensors=hf.to_hf_tensors(first["params"]))
-  np.testing.assert_allclose(losses, reference[0], rtol=0, atol=1e-5)
+                                    hf_tensors=hf.to_hf_tensors(reference[2]["params"]))
   kernel = state.params["params"]["transformer"]["h"]["mlp"]["fc"]["kernel"]  # [layers, e, m]
   assert kernel.shape[0] == config.model.n_layer
   assert kernel.addressable_shards[0].data.size == kernel.size // 4  # fsdp x tensor
-  # and the trained weights are the plain model's, layer by layer
-  trained = hf.to_hf_tensors(params["params"])
-  for name, tensor in hf.to_hf_tensors(reference[1]["params"]).items():
-    np.testing.assert_allclose(trained[name], tensor, atol=1e-5, rtol=0, err_msg=name)
+  # and the trained weights are the plain model's, layer by layer (in HF's per-layer names)
+  assert_same_training(losses, params, reference, flatten=lambda p: hf.to_hf_tensors(p["params"]))

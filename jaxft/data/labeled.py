@@ -32,7 +32,8 @@ import random
 
 import tensorflow_datasets as tfds
 
-from jaxft.data import text_builder
+from jaxft.data import text_builder, textio
+from jaxft.data.errors import BadInputError
 from jaxft.data.readers import (
   BUILTINS,
   bbc_files,
@@ -45,7 +46,7 @@ from jaxft.data.readers import (
 )
 from jaxft.data.text_builder import default_data_dir
 
-_FORMAT_VERSION = 2  # bump when the records' content for the same inputs would change
+_FORMAT_VERSION = 3  # bump when the records' content for the same inputs would change
 KINDS = ("classification", "ner", "qa")
 SPLITS = ("train", "validation", "test")
 CLASSIFICATION_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -66,11 +67,13 @@ class Spec:
   test_fraction: float
   split_seed: int
   inputs: tuple[str, ...]  # every file read, for the fingerprint
+  encoding: str = "utf-8"  # of the user's files (config.data.encoding); built-ins know theirs
+  encoding_errors: str = "strict"
 
   def fingerprint(self) -> str:
     settings = [_FORMAT_VERSION, self.kind, self.dataset, self.train, self.validation, self.test,
                 self.text_field, self.label_field, repr(self.validation_fraction),
-                repr(self.test_fraction), self.split_seed]
+                repr(self.test_fraction), self.split_seed, self.encoding, self.encoding_errors]
     h = hashlib.sha256(json.dumps(settings).encode())
     for f in self.inputs:
       st = os.stat(f)
@@ -137,13 +140,15 @@ def resolve_spec(data_cfg, kind: str) -> Spec:
     _check_fraction("validation", vf, bool(dataset))
   if not files["test"]:
     _check_fraction("test", tf, bool(dataset))
+  encoding = textio.Encoding.of(data_cfg)  # checked before any file is read
   if not files["validation"] and not files["test"] and vf + tf >= 1:
     raise ValueError(f"config.data.validation_fraction={vf} + config.data.test_fraction={tf} "
                      ">= 1 leaves nothing for the train split; lower them")
   return Spec(kind=kind, dataset=dataset, train=files["train"], validation=files["validation"],
               test=files["test"], text_field=data_cfg.get("text_field", "text"),
               label_field=data_cfg.get("label_field", "label"), validation_fraction=vf,
-              test_fraction=tf, split_seed=int(data_cfg.get("split_seed", 0)), inputs=inputs)
+              test_fraction=tf, split_seed=int(data_cfg.get("split_seed", 0)), inputs=inputs,
+              encoding=encoding.name, encoding_errors=encoding.errors)
 
 
 def _units(kind: str, examples: list[dict]) -> list[list[dict]]:
@@ -186,14 +191,17 @@ class LabeledExamples(tfds.core.GeneratorBasedBuilder):
     if s.dataset == "wnut16":
       return read_conll(wnut_file())
     path = s.given(split)
+    encoding = textio.Encoding(s.encoding, s.encoding_errors)
     if s.kind == "classification":
-      examples = read_classification(path, s.text_field, s.label_field)
+      examples = read_classification(path, s.text_field, s.label_field, encoding)
     elif s.kind == "ner":
-      examples = read_conll(path)
+      examples = read_conll(path, encoding)
     else:
-      examples = read_squad(path)
+      examples = read_squad(path, encoding)
     if not examples:
-      raise ValueError(f"config.data.{split}={path} holds no {s.kind} examples (empty file?)")
+      carve = "" if split == "train" else f", or clear config.data.{split} to carve it from train"
+      raise BadInputError(f"config.data.{split}={path} holds no {s.kind} examples (empty file?);"
+                          f" give a file with examples{carve}", path)
     return examples
 
   def _split_generators(self, dl_manager):

@@ -5,13 +5,15 @@ the whole method)."""
 
 import collections
 import dataclasses
-import json
 import os
 import re
 import string
 from collections.abc import Sequence
 
 import numpy as np
+
+from jaxft.data import textio
+from jaxft.data.errors import bad_input
 
 DEFAULT_TEMPLATE = "{text}\nLabel: {label}"
 DEFAULT_SEPARATOR = "\n\n"
@@ -80,9 +82,10 @@ def unescape(value: str) -> str:
   return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], value)
 
 
-def parse_verbalizer(spec: str | dict | None, labels: Sequence[str]) -> dict[str, str]:
-  """--verbalizer ("label=words,label=words", a JSON file {label: words}, or a dict) checked
-  against the dataset's labels; None = each label's own name."""
+def parse_verbalizer(spec: str | dict | None, labels: Sequence[str],
+                     encoding: textio.Encoding = textio.FLAGS_UTF8) -> dict[str, str]:
+  """--verbalizer ("label=words,label=words", a JSON file {label: words} in `encoding`, or a
+  dict) checked against the dataset's labels; None = each label's own name."""
   if not spec:
     return {label: label for label in labels}
   if isinstance(spec, dict):
@@ -91,14 +94,11 @@ def parse_verbalizer(spec: str | dict | None, labels: Sequence[str]) -> dict[str
     if not os.path.isfile(spec):
       raise FileNotFoundError(f"--verbalizer={spec!r} is not a file; give a JSON file "
                               "{label: words} or label=words,label=words")
-    with open(spec, encoding="utf-8") as f:
-      try:
-        mapping = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"--verbalizer={spec} is not valid JSON ({e.msg})") from None
+    mapping = textio.json_value(textio.read_text(spec, encoding), spec, None,
+                                "--verbalizer takes a JSON object {label: words}")
     if not isinstance(mapping, dict):
-      raise ValueError(f"--verbalizer={spec} holds a JSON {type(mapping).__name__}; it must be "
-                       "an object {label: words}")
+      raise bad_input(spec, None, f"holds a JSON {textio.json_type(mapping)}",
+                      "--verbalizer takes a JSON object {label: words}")
   else:
     mapping = {}
     for item in spec.split(","):

@@ -13,21 +13,21 @@ file or an option rebuilds, and an unchanged corpus is read from the cache.
 import dataclasses
 import fcntl
 import glob
-import gzip
 import hashlib
-import json
 import logging
-import lzma
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jaxft.data import textio
+from jaxft.data.errors import bad_input
+
 # TFDS warns on every load that a builder config is not one of BUILDER_CONFIGS; ours never are.
 logging.getLogger("absl").addFilter(
     lambda record: "Using custom data configuration" not in record.getMessage())
 
-_FORMAT_VERSION = 2  # bump when the records' content for the same inputs would change
+_FORMAT_VERSION = 3  # bump when the records' content for the same inputs would change
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz")
 EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
@@ -44,6 +44,11 @@ class Sources:
   text_field: str
   validation_fraction: float
   chunk_chars: int
+  encoding: str = "utf-8"  # config.data.encoding
+  encoding_errors: str = "strict"  # config.data.encoding_errors
+
+  def decoding(self) -> textio.Encoding:
+    return textio.Encoding(self.encoding, self.encoding_errors)
 
   def fingerprint(self) -> str:
     h = hashlib.sha256(str(_FORMAT_VERSION).encode())
@@ -52,7 +57,8 @@ class Sources:
       if f != "|":
         st = os.stat(f)
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(f"{self.text_field}:{self.validation_fraction}:{self.chunk_chars}".encode())
+    h.update(f"{self.text_field}:{self.validation_fraction}:{self.chunk_chars}:"
+             f"{self.encoding}:{self.encoding_errors}".encode())
     return "c" + h.hexdigest()[:16]
 
 
@@ -89,41 +95,32 @@ def resolve_sources(data_cfg) -> Sources:
                      "(0, 1) when config.data.validation_files is empty")
   if data_cfg.chunk_chars < 1:
     raise ValueError(f"config.data.chunk_chars={data_cfg.chunk_chars} must be >= 1")
+  encoding = textio.Encoding.of(data_cfg)  # checked here, before any file is read
   return Sources(train, validation, data_cfg.text_field, float(data_cfg.validation_fraction),
-                 int(data_cfg.chunk_chars))
+                 int(data_cfg.chunk_chars), encoding.name, encoding.errors)
 
 
-def open_text(path: str):
-  if path.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
-  if path.endswith(".xz"):
-    return lzma.open(path, "rt", encoding="utf-8")
-  return open(path, encoding="utf-8")
-
-
-def read_documents(path: str, text_field: str):
+def read_documents(path: str, text_field: str, encoding: textio.Encoding = textio.UTF8):
   """Yields (document id, text) of one file."""
   if path.endswith(TEXT_SUFFIXES):
-    with open_text(path) as f:
-      yield path, f.read()
+    yield path, textio.read_text(path, encoding)
     return
   field = "config.data.text_field"
-  with open_text(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}); .jsonl files need one JSON "
-                         "object per line") from None
-      if not isinstance(record, dict) or text_field not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{path}:{n} has no {text_field!r} field ({field}={text_field!r}); "
-                         f"its fields are {keys}: set {field} to the one holding the text")
-      if not isinstance(record[text_field], str):
-        raise ValueError(f"{path}:{n}: field {text_field!r} is not a string ({field})")
-      yield f"{path}:{n}", record[text_field]
+  for n, line in textio.read_lines(path, encoding):
+    if not line.strip():
+      continue
+    record = textio.json_value(line, path, n, ".jsonl files need one JSON object per line")
+    if not isinstance(record, dict):
+      raise bad_input(path, n, f"is a JSON {textio.json_type(record)}, not an object",
+                      f".jsonl files need one JSON object per line, its text in {field}")
+    if text_field not in record:
+      raise bad_input(path, n, f"has no {text_field!r} field ({field}={text_field!r}); its "
+                      f"fields are {sorted(record)}", f"set {field} to the one holding the text")
+    if not isinstance(record[text_field], str):
+      raise bad_input(path, n, f"has a field {text_field!r} that is a JSON "
+                      f"{textio.json_type(record[text_field])}, not a string ({field})",
+                      f"set {field} to the field holding the text")
+    yield f"{path}:{n}", record[text_field]
 
 
 def chunk_text(text: str, chunk_chars: int) -> list[str]:
@@ -151,7 +148,10 @@ def chunk_text(text: str, chunk_chars: int) -> list[str]:
 def _chunks(files, sources: Sources):
   """(key, record) of every non-empty chunk of `files`, in file and document order."""
   for path in files:
-    for doc_id, text in read_documents(path, sources.text_field):
+    # The embedded corpus is UTF-8 whatever the user's files are in.
+    embedded = os.path.dirname(path) == EMBEDDED
+    encoding = textio.UTF8 if embedded else sources.decoding()
+    for doc_id, text in read_documents(path, sources.text_field, encoding):
       if not text.strip():
         continue
       for i, chunk in enumerate(chunk_text(text, sources.chunk_chars)):

@@ -13,6 +13,8 @@ import os
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from jaxft.data.errors import BadInputError
+
 GPT2_EOS = "<|endoftext|>"
 # Files written by `save`, as transformers' GPT2TokenizerFast.save_pretrained writes them.
 _TOKENIZER_JSON = "tokenizer.json"
@@ -91,10 +93,19 @@ class Tokenizer:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
   def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
+    try:
+      return self._tok.encode(text, add_special_tokens=False).ids
+    except TypeError:
+      _check_text(text, "the text")
+      raise
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+    try:
+      return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+    except TypeError:
+      for i, text in enumerate(texts):
+        _check_text(text, f"text {i + 1} of the batch")
+      raise
 
   def decode(self, ids) -> str:
     return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -120,6 +131,17 @@ class Tokenizer:
       json.dump({**settings, **special}, f, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
       json.dump(special, f, indent=2)
+
+
+def _check_text(text, what: str) -> None:
+  """Raises BadInputError for a string the Rust tokenizer refuses with a bare TypeError: one
+  holding half of a UTF-16 surrogate pair (a JSON escape such as "\\ud800"), no character."""
+  if not isinstance(text, str):
+    return
+  for i, c in enumerate(text):
+    if 0xD800 <= ord(c) < 0xE000:
+      raise BadInputError(f"{what} to tokenize holds U+{ord(c):04X} at character {i + 1}, half "
+                          "of a surrogate pair and no character; remove it from the input")
 
 
 def _special_tokens_of(path: str) -> dict[str, str]:

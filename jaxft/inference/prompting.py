@@ -9,7 +9,8 @@ sports=Sport,tech=Technology --scoring mean --output report.json
 Data comes through the fine-tuning loader (`jaxft.data.labeled`, "classification"): the built-in
 --dataset bbc_news, or your CSV/TSV/JSONL text,label files in --train [--validation --test]
 (splits you do not give are carved from train as in fine-tuning: --validation_fraction,
---test_fraction, --split_seed). Messages from the loader name these flags.
+--test_fraction, --split_seed), decoded as --encoding (utf-8) with --encoding_errors (strict, or
+replace). Messages from the loader name these flags.
 
 Prompt, for an evaluated example x with k in-context examples d_1..d_k drawn from the train split
 (per example, from --seed and the example's index, so a run is reproducible; never x itself
@@ -49,6 +50,7 @@ import numpy as np
 
 from jaxft import hf, tasks
 from jaxft.data import labeled
+from jaxft.data.errors import BadInputError
 from jaxft.data.prompts import (
   DEFAULT_SEPARATOR,
   DEFAULT_TEMPLATE,
@@ -57,6 +59,7 @@ from jaxft.data.prompts import (
   parse_verbalizer,
   sample_demonstrations,
 )
+from jaxft.data.textio import Encoding
 from jaxft.inference.prompt_scoring import SCORINGS, candidate_scores, score_candidates
 from jaxft.models import registry
 from jaxft.models.generation import check_token_ids
@@ -213,7 +216,8 @@ def load_model(workdir: str | None = None, init_from: str | None = None,
 def data_config(dataset: str | None = None, train: str = "", validation: str = "",
                 test: str = "", text_field: str = "text", label_field: str = "label",
                 validation_fraction: float = 0.1, test_fraction: float = 0.1,
-                split_seed: int = 0, data_dir: str = "") -> ml_collections.ConfigDict:
+                split_seed: int = 0, data_dir: str = "", encoding: str = "utf-8",
+                encoding_errors: str = "strict") -> ml_collections.ConfigDict:
   """The `config.data` of configs/finetune.py that jaxft.data.labeled reads; dataset None =
   bbc_news unless --train is given."""
   c = ml_collections.ConfigDict()
@@ -223,6 +227,7 @@ def data_config(dataset: str | None = None, train: str = "", validation: str = "
   c.validation_fraction, c.test_fraction = validation_fraction, test_fraction
   c.split_seed = split_seed
   c.data_dir = data_dir
+  c.encoding, c.encoding_errors = encoding, encoding_errors
   return c
 
 
@@ -230,6 +235,8 @@ def load_data(data_cfg) -> dict:
   """{split: examples} through jaxft.data.labeled, its messages speaking of this CLI's flags."""
   try:
     return labeled.load_splits(data_cfg, "classification")
+  except BadInputError as e:
+    raise e.replace("config.data.", "--") from None
   except (ValueError, FileNotFoundError) as e:
     raise type(e)(str(e).replace("config.data.", "--")) from None
 
@@ -272,9 +279,11 @@ def run(*, workdir: str | None = None, init_from: str | None = None, step: int |
   indices = select(len(source), max_examples, options.seed)
   examples = [source[i] for i in indices]
   train = [train[i] for i in range(len(train))]
-  result = classify(model, params, tokenizer, train, examples,
-                    label_names(train, examples, labels), verbalizer, options, indices=indices,
-                    same_split=split == "train", split=split)
+  names = label_names(train, examples, labels)
+  # A --verbalizer file is read in the data's --encoding.
+  verbalizer = parse_verbalizer(verbalizer, names, Encoding.of(data, prefix="--"))
+  result = classify(model, params, tokenizer, train, examples, names, verbalizer, options,
+                    indices=indices, same_split=split == "train", split=split)
   print(format_report(result))
   if output:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
