@@ -134,6 +134,12 @@ def test_when_no_step_restores_one_error_lists_them_and_nothing_moves(trained, t
   assert "Nothing was moved or deleted" in message
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
   assert not os.path.exists(os.path.join(workdir, checkpoint.DAMAGED_DIR))
+  # evaluate / predict / export open the latest step: one message and the way out. (Its params
+  # may sit outside the truncated file: remove every array file.)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6", "state", "ocdbt.process_0", "d"))
+  with pytest.raises(ValueError, match=r"checkpoint step 6 in .*/checkpoints does not restore "
+                                       r"\(ValueError: .*\); choose another step \(--step"):
+    helpers.open_trained(workdir, best=False)
 
 
 @pytest.fixture

@@ -240,11 +240,17 @@ def restore_params(workdir: str, abstract, step: int | None = None, best: bool =
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"--workdir={workdir} has no checkpoint yet under {directory}")
-  out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={"params": abstract},
-      restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract}),
-      partial_restore=True)))
-  manager.close()
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract},
+        restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract}),
+        partial_restore=True)))
+  except Exception as e:  # Orbax wraps tensorstore's error (a bad file) in a bare Exception
+    raise ValueError(f"checkpoint step {step} in {directory} does not restore ({cause(e)}); "
+                     "choose another step (--step; rerunning the training sets damaged steps "
+                     "aside and resumes from the newest good one)") from e
+  finally:
+    manager.close()
   # partial_restore hands back the abstract leaf for anything the checkpoint lacks.
   missing = ["/".join(map(str, k)) for k, v in
              trees.flat(out.state["params"]).items() if isinstance(v, jax.ShapeDtypeStruct)]
