@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxft.parallel import distributed
+from jaxft.run import workdir as workdir_lib
 from launch import local
 from tests.helpers import ROOT, write_corpus
 
@@ -29,9 +30,12 @@ def _args(tmp_path, workdir, *extra):
 
 
 def _losses(workdir) -> dict[int, float]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+  """step -> training loss of metrics.jsonl, where each step has at most one training row (a
+  resumed run that trained steps again would log them twice)."""
+  rows = [r for r in workdir_lib.read_metrics(workdir) if "train/loss" in r]
+  steps = [r["step"] for r in rows]
+  assert steps == sorted(set(steps)), steps
+  return {r["step"]: r["train/loss"] for r in rows}
 
 
 def _run(tmp_path, workdir, processes: int, *extra):
@@ -82,8 +86,10 @@ def test_checkpoints_resume_across_process_counts_and_meshes(runs, source, proce
   resumed = tmp / f"{source}-resumed-{processes}"
   shutil.copytree(straight, resumed)
   shutil.rmtree(resumed / "checkpoints" / str(STEPS))
-  _run(tmp, resumed, processes, *mesh)
+  out = _run(tmp, resumed, processes, *mesh)
+  assert f"resumed from step 3 in {resumed}/checkpoints" in out.stdout + out.stderr
   a, b = _losses(straight), _losses(resumed)
+  assert sorted(b) == list(range(1, STEPS + 1))  # steps 4-6 once more, after 1-3 of the copy
   np.testing.assert_allclose([b[s] for s in range(4, STEPS + 1)],
                              [a[s] for s in range(4, STEPS + 1)], rtol=0, atol=1e-5)
 

@@ -1,8 +1,9 @@
 """PEFT (jaxft/peft): each method's parameters, what trains, merging, generation with a KV
-cache, AdaLoRA's budget, and whole runs: frozen base bit-identical, export to transformers,
-adapter-only files, resume, and the errors a user can cause."""
+cache, AdaLoRA's budget, and whole runs: the base the train step used bit-identical to the
+file, export to transformers, adapter-only files, resume, and the errors a user can cause."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import pytest
 import torch
 import transformers
 from flax import linen as nn
+from safetensors.numpy import load_file
 
 from configs import finetune
 from jaxft import export, hf, peft, tasks, train, trees
@@ -22,6 +24,7 @@ from jaxft.parallel import sharding
 from jaxft.peft import adalora
 from jaxft.run import checkpoint, optim, steps
 from jaxft.run import state as state_lib
+from jaxft.run import workdir as workdir_lib
 from tests import helpers
 from tests.helpers import (
   random_batch,
@@ -178,8 +181,10 @@ def test_decoding_with_kv_cache_equals_full_recompute(method, scan_layers):
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_adalora_prunes_to_the_budget_and_resumes_its_allocation(scan_layers):
-  """(With scan_layers each stacked layer is its own module of the budget.)"""
+def test_adalora_prunes_to_the_budget_and_reads_its_allocation_back(scan_layers):
+  """The ranks left, read back from the optimizer state, where the allocation lives (no
+  checkpoint round trip here). With scan_layers each stacked layer is its own module of the
+  budget."""
   config, task = _causal("adalora", scan_layers, rank=2, init_rank=4, warmup_fraction=0.1,
                          final_fraction=0.3, mask_every=1, targets="attn/(query|value)$")
   assert adalora.budget(0, num_steps=20, t_init=2, t_final=6, init_total=16,
@@ -250,10 +255,30 @@ def _run_config(tmp_path, tiny_bert, method, **overrides):
   return set_fields(config, overrides)
 
 
-def test_lora_run_freezes_the_base_exports_merged_and_saves_a_small_adapter(tmp_path, tiny_bert):
+def _record_train_steps(monkeypatch) -> list:
+  """Wraps the real jitted train step that jaxft/training/setup.py builds: the list gets, per
+  call, the `frozen` tree handed to the step and the keys of the state's params (what the step
+  differentiates)."""
+  calls, real = [], steps.jit_steps
+
+  def jit_steps(*args, **kwargs):
+    train_step, *rest = real(*args, **kwargs)
+
+    def recording(state, frozen, batch):
+      calls.append((frozen, {"/".join(k) for k in trees.flat(state.params)}))
+      return train_step(state, frozen, batch)
+    return (recording, *rest)
+
+  monkeypatch.setattr(steps, "jit_steps", jit_steps)
+  return calls
+
+
+def test_lora_run_freezes_the_base_exports_merged_and_saves_a_small_adapter(tmp_path, tiny_bert,
+                                                                           monkeypatch):
   config = _run_config(tmp_path, tiny_bert, "lora", num_steps=40, eval_every=20,
                        **{"peft.targets": "attn.*|mlp.*", "peft.lr": 1e-2})
   workdir = str(tmp_path / "run")
+  calls = _record_train_steps(monkeypatch)
   val = train.train_and_evaluate(config, workdir)
   assert val["accuracy"] >= 0.8
   counts = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))][0]
@@ -262,12 +287,25 @@ def test_lora_run_freezes_the_base_exports_merged_and_saves_a_small_adapter(tmp_
       100 * counts["params/trainable"] / counts["params/total"])
 
   _, task, variables = helpers.open_trained(workdir)
-  # The base model is bit-identical to the Hugging Face weights it started from.
-  base = hf.load_params(tiny_bert, jax.eval_shape(lambda: variables["params"]),
-                        task.architecture, init_fn=lambda: variables["params"])
-  for key, value in trees.flat(variables["params"]).items():
-    if key[0] != "classifier":
-      np.testing.assert_array_equal(np.asarray(value), trees.flat(base)[key], err_msg=str(key))
+  # Gradients never reach the base: the step differentiates LoRA and the head only, and the
+  # frozen tree the step was handed holds every other variable: the whole BERT backbone.
+  assert len(calls) == 40
+  frozen, trainable = calls[-1]
+  assert all(t == trainable for _, t in calls)
+  assert all(k.startswith(("peft/", "params/classifier/")) for k in trainable), trainable
+  everything = {"/".join(k) for k in trees.flat(variables)}
+  frozen_keys = {"/".join(k) for k in trees.flat(frozen)}
+  assert frozen_keys == {k for k in everything if k.startswith("params/bert/")}
+  assert frozen_keys | trainable == everything
+  # That base: the same arrays at all 40 steps, and after training still bit-identical to the
+  # Hugging Face file the run started from (read here without jaxft's loader).
+  assert all(all(a is b for a, b in zip(jax.tree.leaves(f), jax.tree.leaves(frozen)))
+             for f, _ in calls)
+  original = load_file(os.path.join(tiny_bert, "model.safetensors"))
+  used = hf.to_hf_tensors(jax.device_get(frozen["params"]["bert"]), "BertModel")
+  assert used.keys() == original.keys()  # every tensor of the file, pooler included
+  for name, value in used.items():
+    np.testing.assert_array_equal(value, original[name], err_msg=name)
 
   # Export merges LoRA: transformers' BertForSequenceClassification gives jaxft's logits.
   export.export(workdir, str(tmp_path / "hf"))
@@ -288,7 +326,13 @@ def test_lora_run_freezes_the_base_exports_merged_and_saves_a_small_adapter(tmp_
   np.testing.assert_array_equal(helpers.eval_outputs(task2, reloaded, [b])[0]["logits"], ours)
 
 
-def test_peft_run_resumes_and_checks_its_base(tmp_path, tiny_bert):
+def loss_rows(workdir) -> list[tuple]:
+  """(step, train loss, validation loss) of each metrics row that has either, in file order."""
+  return [(r["step"], r.get("train/loss"), r.get("val/loss"))
+          for r in workdir_lib.read_metrics(workdir) if "train/loss" in r or "val/loss" in r]
+
+
+def test_peft_run_resumes_and_checks_its_base(tmp_path, tiny_bert, caplog):
   """A run resumed from its step-6 checkpoint ends bit-identical to one that never stopped
   (the frozen base is rebuilt from init_from, not saved); a changed base is refused."""
   config = _run_config(tmp_path, tiny_bert, "adapter", num_steps=12, eval_every=6,
@@ -297,7 +341,15 @@ def test_peft_run_resumes_and_checks_its_base(tmp_path, tiny_bert):
   train.train_and_evaluate(config, straight)
   shutil.copytree(straight, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "12"))  # as if killed after step 6
-  train.train_and_evaluate(config, resumed)
+  with caplog.at_level(logging.INFO, logger="jaxft"):
+    train.train_and_evaluate(config, resumed)
+  assert f"resumed from step 6 in {resumed}/checkpoints" in caplog.text
+  # Steps 7-12 trained once more, not 1-12 again: each step's rows once (log_every=10), those
+  # of steps 10 and 12 the uninterrupted run's.
+  rows = loss_rows(resumed)
+  assert [s for s, t, _ in rows if t is not None] == [6, 10, 12]
+  assert [s for s, _, v in rows if v is not None] == [6, 12]
+  assert rows == loss_rows(straight)
   _, _, a = helpers.open_trained(straight, best=False)
   _, _, b = helpers.open_trained(resumed, best=False)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
