@@ -3,6 +3,7 @@
 import gzip
 import json
 import lzma
+import shutil
 
 import grain
 import numpy as np
@@ -56,6 +57,12 @@ def test_txt_and_jsonl_sources_with_fixed_held_out_split(tmp_path):
   again = text_builder.data_sources(_data_cfg(tmp_path / "x", files=cfg.files,
                                               text_field="body", validation_fraction=0.1))
   assert [r["text"].decode() for r in again["validation"]] == val
+  # So does the same corpus copied to another directory (another host's mount, another tmp dir).
+  shutil.copytree(tmp_path / "c", tmp_path / "moved" / "deeper")
+  moved = text_builder.data_sources(_data_cfg(
+      tmp_path / "y", files=str(tmp_path / "moved" / "deeper" / "*"), text_field="body",
+      validation_fraction=0.1))
+  assert [r["text"].decode() for r in moved["validation"]] == val
 
 
 def test_editing_a_file_rebuilds(tmp_path):

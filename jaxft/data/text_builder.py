@@ -27,7 +27,7 @@ from jaxft.data.errors import bad_input
 logging.getLogger("absl").addFilter(
     lambda record: "Using custom data configuration" not in record.getMessage())
 
-_FORMAT_VERSION = 3  # bump when the records' content for the same inputs would change
+_FORMAT_VERSION = 4  # bump when the records' content for the same inputs would change
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz")
 EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
@@ -158,11 +158,16 @@ def _chunks(files, sources: Sources):
         yield f"{doc_id}#{i}", {"text": chunk, "is_doc_start": i == 0}
 
 
-def _held_out(keys: list[str], fraction: float) -> set[str]:
-  """The ceil(fraction * n) keys with the smallest hashes: fixed for a corpus, spread over it."""
+def _held_out(keys: list[str], fraction: float, files) -> set[str]:
+  """The ceil(fraction * n) keys with the smallest hashes: fixed for a corpus, spread over it.
+
+  A key is hashed relative to the directory that holds all the files, so the same corpus copied
+  elsewhere (another host's mount, another temporary directory) holds out the same chunks.
+  """
+  root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+  digest = lambda k: hashlib.sha256(os.path.relpath(os.path.abspath(k), root).encode()).digest()
   n = int(np.ceil(fraction * len(keys)))
-  ranked = sorted(keys, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
-  return set(ranked[:n])
+  return set(sorted(keys, key=digest)[:n])
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder):
@@ -203,7 +208,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
             f"config.data.files hold a single chunk of text, too little to hold out "
             f"config.data.validation_fraction={s.validation_fraction} of it: add text, lower "
             "config.data.chunk_chars, or give config.data.validation_files")
-      held = _held_out([k for k, _ in train], s.validation_fraction)
+      held = _held_out([k for k, _ in train], s.validation_fraction, s.train)
       validation = [kv for kv in train if kv[0] in held]
       train = [kv for kv in train if kv[0] not in held]
     return {"train": train, "validation": validation}
