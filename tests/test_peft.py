@@ -359,6 +359,11 @@ def test_peft_run_resumes_and_checks_its_base(tmp_path, tiny_bert, caplog):
   other = save_tiny_bert(tmp_path / "other_bert", seed=1)  # another base, same shapes
   with pytest.raises(ValueError, match=r"config\.init_from=.* no longer holds the base model"):
     train.train_and_evaluate(set_fields(config, {"init_from": other}), resumed)
+  # Adapters after attention only: another set of adapter params, refused naming the field.
+  config = set_fields(config, {"init_from": tiny_bert, "peft.targets": r"attn/out$"})
+  with pytest.raises(ValueError, match=r"another train state .* config\.peft\.targets="
+                                       r"'attn/out\$' \(the checkpoints' ''\)"):
+    train.train_and_evaluate(config, resumed)
 
 
 def test_prompt_tuning_on_a_jaxft_workdir_base(tmp_path):

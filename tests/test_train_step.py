@@ -196,34 +196,24 @@ def test_grad_accumulation_weights_micro_batches_by_their_real_tokens(task_name)
 
 
 @pytest.mark.parametrize("task_name", ["causal_lm", "classification"])
-def test_grad_accumulation_with_dropout_draws_each_micro_batch_its_own_masks(task_name):
-  """With dropout, micro-batch i draws its masks from fold_in(step key, i) at the micro-batch's
-  shape, so its rows get other masks than in a full-batch step (which draws [8, ...] masks from
-  the step key): accumulation cannot equal the full batch then, by design. What holds: the
-  accumulated loss and gradient are the weighted sum of each micro-batch's own dropout loss and
-  gradient under those keys, over the total weight (and no two micro-batches share a key)."""
+def test_grad_accumulation_with_dropout_equals_the_full_batch(task_name):
+  """Dropout draws each example's masks from its row in the step's batch (models/dropout.py
+  per_example), not from its place in a micro-batch: 4 micro-batches of unequal weight with
+  dropout 0.2 give the full batch's loss and gradient within 1e-6."""
   config, task, batch = _accum_case(task_name, dropout=0.2)
-  state, frozen, batch_sh, (acc_step,) = _steps(config, task, ACCUM)
-  params, rng = jax.device_get((state.params, state.rng))  # before the step donates them
-  after, acc = acc_step(state, frozen, sharding.global_batch(batch, batch_sh))
-  step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), 0)
-  keys = [jax.random.fold_in(step_key, i) for i in range(ACCUM)]
-  grad = jax.jit(jax.value_and_grad(lambda v, b, k: task.loss(v, b, k, False), has_aux=True))
-
-  def micro_sums(keys):  # [(loss sum, aux sums), grads] of each micro-batch alone, on the host
-    return [jax.device_get(grad(params, {f: x[i::ACCUM] for f, x in batch.items()}, key))
-            for i, key in enumerate(keys)]
-
-  micro = micro_sums(keys)
-  weight = sum(_micro_weights(batch))
-  loss = sum(float(s) for (s, _), _ in micro) / weight
-  grads = jax.tree.map(lambda *g: sum(g) / weight, *[g for _, g in micro])
-  assert float(acc["loss"]) == pytest.approx(loss, rel=1e-6)
-  _assert_same_gradient(jax.device_get(after.opt_state), grads)
-  # The masks matter: with the keys handed to other micro-batches the loss misses by 100x the
-  # tolerance above (random-init token losses are all near ln V, so masks move it little).
-  rotated = micro_sums(keys[1:] + keys[:1])
-  assert abs(sum(float(s) for (s, _), _ in rotated) / weight - loss) > 1e-4 * loss
+  state, frozen, batch_sh, (full_step, acc_step) = _steps(config, task, 1, ACCUM)
+  params = jax.device_get(state.params)  # before the step donates them
+  batch = sharding.global_batch(batch, batch_sh)
+  state, full = full_step(state, frozen, batch)
+  full_grads = jax.device_get(state.opt_state)
+  state, acc = acc_step(state.replace(step=state.step - 1), frozen, batch)  # the same step key
+  assert float(acc["loss"]) == pytest.approx(float(full["loss"]), rel=1e-6)
+  _assert_same_gradient(jax.device_get(state.opt_state), full_grads)
+  # The masks are on: without them the loss moves by 100x the tolerance above (random-init
+  # token losses are all near ln V, so masks move it little).
+  plain, aux = jax.jit(lambda v, b: task.loss(v, b, None, True))(params, jax.device_get(batch))
+  plain = float(plain) / float(aux["weight"])
+  assert abs(plain - float(full["loss"])) > 1e-4 * plain
 
 
 def test_batch_not_divisible_by_data_parallel_size_names_the_field():

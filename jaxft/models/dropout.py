@@ -10,7 +10,14 @@ inverse of that rounded probability, so the expected output is the input.
 The mask keeps the shape of x, halving only the last axis before the draw, so sharded
 activations draw their random bits where they live (jax_threefry_partitionable) and a mask does
 not depend on the mesh.
+
+Inside `per_example(row_ids)` (every train step), row r of x draws its mask from
+fold_in(key, row_ids[r]): an example gets the same masks whether it sits in the full batch or
+in a micro-batch of it, so gradient accumulation with dropout equals the full-batch step.
 """
+
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +46,34 @@ def keep_mask(key, rate: float, shape: tuple[int, ...]) -> jax.Array:
   return draws < jnp.uint16(threshold)
 
 
+# Set by `per_example` while a train step is traced: the examples' indices in the step's batch.
+_ROW_IDS = contextvars.ContextVar("jaxft_dropout_row_ids", default=None)
+
+
+@contextlib.contextmanager
+def per_example(row_ids):
+  """Dropout inside draws row r's mask from fold_in(key, row_ids[r]) (row_ids: int32 [B], the
+  rows' indices in the whole step's batch, so a micro-batch passes the indices of its rows)."""
+  token = _ROW_IDS.set(row_ids)
+  try:
+    yield
+  finally:
+    _ROW_IDS.reset(token)
+
+
+def _row_keep_mask(key, rate: float, shape: tuple[int, ...], row_ids) -> jax.Array:
+  """keep_mask per row, keyed by example: x of [B * k, ...] (a task that folds k sequences per
+  example into the batch axis, row-major) gives example b's j-th sequence the id b * k + j."""
+  n = row_ids.shape[0]
+  if not shape or shape[0] % n:
+    raise ValueError(f"dropout over an activation of shape {shape} inside a step of {n} "
+                     "examples: its leading axis must be the batch (or a multiple of it)")
+  per = shape[0] // n
+  ids = (row_ids.astype(jnp.uint32)[:, None] * per + jnp.arange(per, dtype=jnp.uint32)).ravel()
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids)
+  return jax.vmap(lambda k: keep_mask(k, rate, shape[1:]).reshape(shape[1:]))(keys)
+
+
 def dropout(key, rate: float, x: jax.Array) -> jax.Array:
   """Zeroes each element of x with probability ~rate and scales the rest to keep the mean."""
   threshold = keep_threshold(rate)
@@ -46,7 +81,11 @@ def dropout(key, rate: float, x: jax.Array) -> jax.Array:
     return x
   if threshold == 0:
     return jnp.zeros_like(x)
-  keep = keep_mask(key, rate, x.shape).reshape(x.shape)
+  row_ids = _ROW_IDS.get()
+  if row_ids is None:
+    keep = keep_mask(key, rate, x.shape).reshape(x.shape)
+  else:
+    keep = _row_keep_mask(key, rate, x.shape, row_ids)
   return jnp.where(keep, x.astype(jnp.float32) * (_LEVELS / threshold), 0).astype(x.dtype)
 
 

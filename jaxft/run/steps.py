@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxft import trees
+from jaxft.models import dropout
 from jaxft.parallel import sharding
 from jaxft.run.state import TrainState
 
@@ -30,9 +31,10 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_ac
   are taken for state.params (the trainable variables) only; `frozen` completes the variables.
   `regularizer(variables)` (AdaLoRA's orthogonality penalty) adds to the mean loss."""
 
-  def loss_of_trainable(params, frozen, batch, rng):
+  def loss_of_trainable(params, frozen, batch, rng, row_ids):
     variables = trees.combine(frozen, params)
-    loss_sum, aux = loss_fn(variables, batch, rng, False)
+    with dropout.per_example(row_ids):
+      loss_sum, aux = loss_fn(variables, batch, rng, False)
     if regularizer is not None:  # x weight: the step divides the sum by the total weight
       loss_sum = loss_sum + regularizer(variables) * aux["weight"]
     return loss_sum, aux
@@ -41,17 +43,23 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_ac
 
   def train_step(state: TrainState, frozen, batch):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    rows = jax.tree.leaves(batch)[0].shape[0]
     if grad_accum_steps == 1:
-      (loss_sum, aux), grads = grad_fn(state.params, frozen, batch, step_key)
+      (loss_sum, aux), grads = grad_fn(state.params, frozen, batch, step_key,
+                                       jnp.arange(rows, dtype=jnp.int32))
     else:
+      # Every micro-batch gets the step key: dropout draws per example (its row in the whole
+      # batch), so each example's masks, and the sum of the micro-batches, match the full step.
       def accumulate(carry, xs):
         i, micro = xs
-        out = grad_fn(state.params, frozen, micro, jax.random.fold_in(step_key, i))
+        row_ids = jnp.arange(rows // grad_accum_steps, dtype=jnp.int32) * grad_accum_steps + i
+        out = grad_fn(state.params, frozen, micro, step_key, row_ids)
         return jax.tree.map(jnp.add, carry, out), None
 
       micro = _split_micro(batch, grad_accum_steps)
       first = jax.tree.map(lambda x: x[0], micro)
-      abstract = jax.eval_shape(grad_fn, state.params, frozen, first, step_key)
+      abstract = jax.eval_shape(grad_fn, state.params, frozen, first, step_key,
+                                jnp.zeros((rows // grad_accum_steps,), jnp.int32))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
       ((loss_sum, aux), grads), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
