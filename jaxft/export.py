@@ -21,7 +21,7 @@ import os
 from absl import app, flags
 
 from jaxft import hf, tasks, trees
-from jaxft.run import checkpoint, loader
+from jaxft.run import checkpoint, cli, loader
 from jaxft.run import workdir as workdir_lib
 
 
@@ -65,10 +65,11 @@ def main(argv):
   if not f.workdir or not f.out:
     raise app.UsageError("give --workdir (a jaxft training directory) and --out (where the "
                          "Hugging Face model directory goes)")
-  if f.adapter_only:
-    print(f"wrote {export_adapter(f.workdir, f.out, f.step)}")
-  else:
-    print(f"wrote {export(f.workdir, f.out, f.step, f.init_from)}")
+  with cli.user_errors("export"):  # a bad workdir, step or base directory: one line
+    if f.adapter_only:
+      print(f"wrote {export_adapter(f.workdir, f.out, f.step)}")
+    else:
+      print(f"wrote {export(f.workdir, f.out, f.step, f.init_from)}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from absl import app, flags
 from jaxft.data import textio
 from jaxft.data.textio import ENCODING_ERRORS, FLAGS_UTF8, Encoding
 from jaxft.models import generation
-from jaxft.run import loader
+from jaxft.run import cli, loader
 
 
 def _define_flags() -> None:
@@ -82,14 +82,12 @@ def main(argv):
     raise app.UsageError(_NO_PROMPTS)
   if f.prompts_file and not os.path.isfile(f.prompts_file):
     raise app.UsageError(f"--prompts_file={f.prompts_file} is not a file")
-  run = open_generator(f.workdir or f.init_from, f.step)
-  tok = run.tokenizer()
-  try:
+  with cli.user_errors("generate"):  # a bad run directory, prompts file or setting: one line
+    run = open_generator(f.workdir or f.init_from, f.step)
+    tok = run.tokenizer()
     prompts = read_prompts(f.prompt, f.prompts_file,
                            Encoding.of_flags(f.encoding, f.encoding_errors, run.config.get("data")))
     ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
-  except (ValueError, FileNotFoundError) as e:  # bad input or setting: the message, no traceback
-    raise SystemExit(f"jaxft.generate: {e}") from None
   outs = generation.generate(run.model, run.variables, ids, max_new_tokens=f.max_new_tokens,
                              temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
                              seed=f.seed, eos_id=tok.eos_id)

@@ -21,7 +21,7 @@ from absl import app, flags
 
 from jaxft.data.textio import ENCODING_ERRORS, Encoding
 from jaxft.inference import prediction
-from jaxft.run import loader
+from jaxft.run import cli, loader
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "jaxft training directory (uses its best "
                                "checkpoint)")
@@ -45,17 +45,16 @@ def main(argv):
                          "Face directory)")
   if not _INPUT.value or not _OUTPUT.value:
     raise app.UsageError("give --input (.txt or .jsonl) and --output (.jsonl)")
-  run = loader.open_run(_WORKDIR.value or _INIT_FROM.value,
-                        seq_len=None if _WORKDIR.value else _MAX_LEN.value)
+  with cli.user_errors("predict"):  # a bad run directory, input file or setting: one line
+    run = loader.open_run(_WORKDIR.value or _INIT_FROM.value,
+                          seq_len=None if _WORKDIR.value else _MAX_LEN.value)
   try:
     prediction.check_predicts(run)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  try:
+  with cli.user_errors("predict"):
     encoding = Encoding.of_flags(_ENCODING.value, _ENCODING_ERRORS.value, run.config.get("data"))
     n = prediction.predict_file(run, _INPUT.value, _OUTPUT.value, _BATCH.value, encoding)
-  except (ValueError, FileNotFoundError) as e:  # bad input or setting: the message, no traceback
-    raise SystemExit(f"jaxft.predict: {e}") from None
   print(f"wrote {n} lines of predictions (one per input line) to {_OUTPUT.value}")
 
 

@@ -13,6 +13,7 @@ from jaxft.data.prompts import DEFAULT_SEPARATOR, DEFAULT_TEMPLATE, unescape
 from jaxft.data.textio import ENCODING_ERRORS
 from jaxft.inference.prompt_scoring import SCORINGS
 from jaxft.inference.prompting import SPLITS, Options, run
+from jaxft.run import cli
 
 
 def _define_flags() -> None:
@@ -66,7 +67,7 @@ def main(argv):
   options = Options(k=f.k, seed=f.seed, template=unescape(f.template),
                     separator=unescape(f.separator), scoring=f.scoring, max_len=f.max_len,
                     batch_size=f.batch_size, bos=f.bos)
-  try:
+  with cli.user_errors("prompt_eval"):  # a setting or file to fix: the message, no traceback
     run(workdir=f.workdir, init_from=f.init_from, step=f.step, split=f.split,
         max_examples=f.max_examples, labels=f.labels, verbalizer=f.verbalizer, output=f.output,
         options=options, dataset=f.dataset, train=f.train, validation=f.validation, test=f.test,
@@ -74,8 +75,6 @@ def main(argv):
         validation_fraction=f.validation_fraction, test_fraction=f.test_fraction,
         split_seed=f.split_seed, data_dir=f.data_dir, encoding=f.encoding,
         encoding_errors=f.encoding_errors)
-  except (ValueError, FileNotFoundError) as e:  # a setting to fix: the message, no traceback
-    raise SystemExit(f"jaxft.prompt_eval: {e}") from None
 
 
 if __name__ == "__main__":

@@ -253,3 +253,15 @@ def test_predict_writes_one_line_per_input_line(tmp_path):
       "--encoding to the file's encoding (e.g. latin-1 or cp1252), or --encoding_errors=replace "
       "to decode such bytes as U+FFFD")
   assert textio.read_text(str(tmp_path / "bad.txt"), textio.Encoding("cp1252")) == "fine\ncafé\n"
+
+
+@pytest.mark.parametrize("command", [["export", "--out", "unused"], ["generate", "--prompt", "hi"]])
+def test_a_missing_run_directory_is_one_line_naming_it(tmp_path, command):
+  missing = str(tmp_path / "no_such_run")
+  r = subprocess.run([sys.executable, "-m", f"jaxft.{command[0]}", "--workdir", missing,
+                      *command[1:]], cwd=tmp_path, capture_output=True, text=True,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"jaxft.{command[0]}: {missing} is not a directory; give a jaxft training directory or a "
+      "Hugging Face model directory")
