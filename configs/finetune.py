@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # "" = init_from's tokenizer
   c.data.data_dir = ""  # TFDS cache; "" = $JAXFT_DATA_DIR or ~/.cache/jaxft/tfds
   c.data.shuffle_seed = 0  # per-epoch shuffle of the training rows
+  # Several short examples per row (classification): a step pays for real tokens, not padding.
+  c.data.packing = False
+  c.data.pack_slots = 0  # examples per row at most; 0 = seq_len // 8
 
   c.seq_len = 128  # tokens per example (QA: per context window)
   c.batch_size = 16  # global batch (examples) per optimizer step

@@ -48,14 +48,15 @@ def trained_tokens(task, num_steps: int, seed: int) -> int:
   return int(sum((next(it)["segment_ids"] > 0).sum() for _ in range(num_steps)))
 
 
-def run_jaxft(workdir: str, overrides: tuple[str, ...] = ()) -> dict:
-  """The user's command, as a subprocess: python -m jaxft.train --config ...:bbc_news, with
+def run_jaxft(workdir: str, overrides: tuple[str, ...] = (),
+              config: str = "configs/finetune.py:bbc_news") -> dict:
+  """The user's command, as a subprocess: python -m jaxft.train --config `config`, with
   `overrides` (e.g. "--config.peft.method=lora") appended."""
   shutil.rmtree(workdir, ignore_errors=True)
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   start = time.perf_counter()
-  out = subprocess.run([sys.executable, "-m", "jaxft.train", "--config",
-                        "configs/finetune.py:bbc_news", "--workdir", workdir, *overrides],
+  out = subprocess.run([sys.executable, "-m", "jaxft.train", "--config", config,
+                        "--workdir", workdir, *overrides],
                        cwd=root, capture_output=True, text=True)
   wall = time.perf_counter() - start
   if out.returncode:
@@ -80,10 +81,12 @@ def run_jaxft(workdir: str, overrides: tuple[str, ...] = ()) -> dict:
           "tokens_per_s_wall": tokens / wall, "log": out.stdout}
 
 
-def run_peer(script: str) -> dict:
-  bbc = readers.bbc_root()  # the same files the built-in dataset reads
+def run_peer(script: str, args: tuple[str, ...] = ()) -> dict:
+  """The transformers script on all-MiniLM-L6-v2; `args` name its data (default: BBC News, the
+  same files the built-in dataset reads)."""
+  args = args or ("--bbc", readers.bbc_root())
   start = time.perf_counter()
-  out = subprocess.run([sys.executable, script, "--bbc", bbc, "--model", assets.minilm_dir()],
+  out = subprocess.run([sys.executable, script, *args, "--model", assets.minilm_dir()],
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
   wall = time.perf_counter() - start
   if out.returncode:

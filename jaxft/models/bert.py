@@ -130,7 +130,8 @@ class BertModel(nn.Module):
   to every real token of its own segment, so packed rows stay separate. `token_types` are BERT's
   sentence A/B ids (default 0), `positions` default to 0..T-1. Without the pooler (HF's
   add_pooling_layer=False, as in BertForMaskedLM / TokenClassification / QuestionAnswering)
-  `pooled` is None.
+  `pooled` is None. `pool_positions` [B, K] pools those tokens instead of each row's first:
+  the [CLS] of each example packed into a row, pooled [B, K, D].
   """
 
   cfg: BertConfig
@@ -138,7 +139,7 @@ class BertModel(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
-               deterministic: bool = True):
+               pool_positions=None, deterministic: bool = True):
     cfg = self.cfg
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
@@ -163,5 +164,7 @@ class BertModel(nn.Module):
     x = x[:, x.shape[1] - length:]  # drop what ExtendInputs prepended
     if not self.add_pooling_layer:
       return x, None
-    pooled = jnp.tanh(dense(cfg, cfg.hidden_size, "pooler", ("embed", None))(x[:, 0]))
+    first = (x[:, 0] if pool_positions is None
+             else jnp.take_along_axis(x, pool_positions[..., None], axis=1))
+    pooled = jnp.tanh(dense(cfg, cfg.hidden_size, "pooler", ("embed", None))(first))
     return x, pooled

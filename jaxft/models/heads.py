@@ -50,16 +50,30 @@ class BertForMaskedLM(nn.Module):
     return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
 
+def segment_token_index(segment_ids, slots: int, last: bool):
+  """[B, T] segment ids of packed rows -> [B, slots]: the index of segment k + 1's first (or
+  last) token in its row; 0 for a slot with no segment."""
+  t = segment_ids.shape[-1]
+  in_segment = segment_ids[:, None, :] == jnp.arange(1, slots + 1)[None, :, None]  # [B, K, T]
+  idx = jnp.arange(t)[None, None, :]
+  if last:
+    return jnp.max(jnp.where(in_segment, idx, 0), axis=-1)
+  return jnp.min(jnp.where(in_segment, idx, t - 1), axis=-1) * jnp.any(in_segment, axis=-1)
+
+
 class BertForSequenceClassification(nn.Module):
-  """Pooled [CLS] -> dropout -> linear: [B, num_labels]."""
+  """Pooled [CLS] -> dropout -> linear: [B, num_labels]; packed rows (`slots` given): each
+  segment's first token ([CLS]) pooled, [B, slots, num_labels]."""
 
   cfg: bert.BertConfig
   num_labels: int
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
-               deterministic: bool = True):
+               slots: int | None = None, deterministic: bool = True):
+    pool = None if slots is None else segment_token_index(segment_ids, slots, last=False)
     _, pooled = bert.BertModel(self.cfg, name="bert")(tokens, segment_ids, token_types, positions,
+                                                      pool_positions=pool,
                                                       deterministic=deterministic)
     pooled = Dropout(_dropout_rate(self.cfg))(pooled, deterministic=deterministic)
     return _classifier(self.cfg, self.num_labels, "classifier")(pooled)
@@ -105,14 +119,15 @@ def last_token_index(segment_ids):
 
 
 class GPT2ForSequenceClassification(nn.Module):
-  """GPT-2 backbone -> bias-free linear on the last real token: [B, num_labels]."""
+  """GPT-2 backbone -> bias-free linear on the last real token: [B, num_labels]; packed rows
+  (`slots` given): on each segment's last token, [B, slots, num_labels]."""
 
   cfg: gpt2.GPT2Config
   num_labels: int
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
-               deterministic: bool = True):
+               slots: int | None = None, deterministic: bool = True):
     del token_types  # GPT-2 has no sentence A/B embedding
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
@@ -120,9 +135,13 @@ class GPT2ForSequenceClassification(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     hidden = gpt2.GPT2Model(self.cfg, name="transformer")(tokens, positions, segment_ids,
                                                           deterministic=deterministic)
-    last = jnp.take_along_axis(hidden, last_token_index(segment_ids)[:, None, None], axis=1)
+    if slots is None:
+      last = jnp.take_along_axis(hidden, last_token_index(segment_ids)[:, None, None], axis=1)
+    else:
+      index = segment_token_index(segment_ids, slots, last=True)
+      last = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, K, D]
     score = nn.Dense(self.num_labels, use_bias=False, dtype=self.cfg.dtype,
                      param_dtype=self.cfg.param_dtype, name="score",
                      kernel_init=nn.with_logical_partitioning(
                          nn.initializers.normal(self.cfg.initializer_range), ("embed", None)))
-    return score(last[:, 0])
+    return score(last[:, 0] if slots is None else last)

@@ -43,7 +43,10 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_ac
 
   def train_step(state: TrainState, frozen, batch):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    rows = jax.tree.leaves(batch)[0].shape[0]
+    rows = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(rows) != 1:
+      raise ValueError(f"a batch's arrays must share their leading (row) axis; got {rows}")
+    rows = rows.pop()
     if grad_accum_steps == 1:
       (loss_sum, aux), grads = grad_fn(state.params, frozen, batch, step_key,
                                        jnp.arange(rows, dtype=jnp.int32))

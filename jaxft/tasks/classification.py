@@ -21,7 +21,9 @@ def cross_entropy(logits, labels):
 
 def pad_encodings(encodings, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
   """tokenizers Encodings (already truncated) -> inputs / segment_ids / token_types
-  [N, max_len], right-padded; segment id 1 marks real tokens."""
+  [N, max_len], right-padded; segment id 1 marks real tokens. An empty encoding (GPT-2's
+  empty text) reads as one pad (EOS) token, so every example has a token to classify, alone in
+  its row or packed with others."""
   n = len(encodings)
   out = {"inputs": np.full((n, max_len), pad_id, np.int32),
          "segment_ids": np.zeros((n, max_len), np.int32),
@@ -29,7 +31,7 @@ def pad_encodings(encodings, max_len: int, pad_id: int) -> dict[str, np.ndarray]
   for i, e in enumerate(encodings):
     length = len(e.ids)
     out["inputs"][i, :length] = e.ids
-    out["segment_ids"][i, :length] = 1
+    out["segment_ids"][i, :max(length, 1)] = 1
     out["token_types"][i, :length] = e.type_ids
   return out
 
@@ -55,6 +57,7 @@ class SequenceClassification(LabeledTask):
   default_metric = ("accuracy", "max")
   batch_keys = ("labels",)
   prediction_fields = ("text",)
+  packable = True
 
   def label_values(self, example):
     return [example["label"]]
@@ -93,8 +96,11 @@ class SequenceClassification(LabeledTask):
   def eval_outputs(self, variables, batch):
     logits = self.logits(variables, batch)
     mask = batch["example_mask"]
-    return {"logits": logits.astype(jnp.float32), "weight": jnp.sum(mask),
-            "loss_sum": jnp.sum(cross_entropy(logits, batch["labels"]) * mask)}
+    out = {"logits": logits.astype(jnp.float32), "weight": jnp.sum(mask),
+           "loss_sum": jnp.sum(cross_entropy(logits, batch["labels"]) * mask)}
+    if self.packing:  # which example each slot holds (gather puts them back in order)
+      out.update(example_index=batch["example_index"], example_mask=mask)
+    return out
 
   def _predictions(self, outputs, split):
     y_true = self.features(split)["labels"]

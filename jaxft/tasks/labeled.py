@@ -6,6 +6,10 @@ A split is featurised once into a dict of [N, ...] arrays (tokenising a few thou
 with the Rust tokenizer takes well under a second); grain shuffles its rows every epoch and the
 iterator state is checkpointed with the model, as for pretraining. Evaluation batches keep the
 split's order and pad the last batch with rows whose example_mask is 0.
+
+With config.data.packing (tasks whose `packable` is set) several examples share a row
+(jaxft/data/packing.py): training packs each epoch's shuffled examples, evaluation and predict
+pack the split in order, and outputs carry example_index to map each slot back to its example.
 """
 
 import abc
@@ -15,7 +19,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from jaxft.data import labeled, pipeline
+from jaxft.data import labeled, packing, pipeline
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.tasks.base import Task
 
@@ -46,6 +50,7 @@ class LabeledTask(Task, abc.ABC):
   # Keys of a featurised split that go to the device; the rest stay on the host for scoring.
   batch_keys: tuple[str, ...] = ()
   default_seq_len = 128
+  packable = False  # whether config.data.packing is supported (its model pools per segment)
 
   def __init__(self, config: ml_collections.ConfigDict, labels: list[str] | None = None):
     self.config = config
@@ -56,6 +61,23 @@ class LabeledTask(Task, abc.ABC):
       self.label_ids = {name: i for i, name in enumerate(self.labels)}
     self.max_len = int(config.seq_len)
     self._features: dict[str, dict[str, np.ndarray]] = {}
+    self.packing = bool(config.data.get("packing", False))
+    self.slots = int(config.data.get("pack_slots", 0) or packing.default_slots(self.max_len))
+    if self.packing:
+      self._check_packing()
+
+  def _check_packing(self):
+    if not self.packable:
+      raise ValueError(f"config.data.packing=True is not supported by the {self.name} task yet "
+                       "(classification only): set config.data.packing=False")
+    # Prefix tuning's keys are seen by every query, so it packs; prompt tuning's virtual
+    # tokens join the row's first segment, which only the first example would see.
+    if self.config.get("peft", {}).get("method", "none") == "prompt":
+      raise ValueError("config.data.packing=True with config.peft.method='prompt': the virtual "
+                       "tokens would belong to the first example of each row only; set "
+                       "config.data.packing=False (prefix tuning packs)")
+    if self.slots < 1:
+      raise ValueError(f"config.data.pack_slots={self.slots} must be >= 1 (0 = seq_len // 8)")
 
   @functools.cached_property
   def tokenizer(self):
@@ -111,7 +133,7 @@ class LabeledTask(Task, abc.ABC):
     return self.complete(self.featurize(examples, "predict", with_labels=False))
 
   def prediction_batches(self, features):
-    return self.batches(self.device_arrays(features))
+    return self.batches(self.rows(features))
 
   def features(self, split: str) -> dict[str, np.ndarray]:
     if split not in self._features:
@@ -131,8 +153,36 @@ class LabeledTask(Task, abc.ABC):
     keys = ("inputs", "segment_ids", "token_types", "positions", "example_mask", *self.batch_keys)
     return {k: f[k] for k in keys}
 
+  _TOKEN_KEYS = ("inputs", "token_types")  # packed along the row; batch_keys go into slots
+
+  def rows(self, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A featurised split as the rows the model sees, in order: one example per row, or packed
+    (bins of eval_batch_size rows filled at once)."""
+    if not self.packing:
+      return self.device_arrays(f)
+    return packing.pack_in_order(f, self.max_len, self.slots, self._TOKEN_KEYS,
+                                 self.batch_keys, bins=self._eval_batch_size())
+
+  def hf_inputs(self, batch: dict) -> dict:
+    if self.packing:  # a transformers model would read a packed row as one text
+      raise ValueError("jaxft.bench --torch feeds the transformers model unpacked rows: set "
+                       "config.data.packing=False for the side-by-side step")
+    return super().hf_inputs(batch)
+
   def num_train_examples(self) -> int:
+    """Rows of one epoch: examples, or the rows they pack into (the epoch's steps follow)."""
+    if self.packing:
+      return self._packed_train_rows
     return len(self.features("train")["inputs"])
+
+  @functools.cached_property
+  def _packed_train_rows(self) -> int:
+    """Rows of the first epoch as training packs it (its shuffle, batch_size bins at once)."""
+    seed = int(self.config.data.get("shuffle_seed", 0))
+    examples = packing.ExampleRows(self.features("train"), self._TOKEN_KEYS, self.batch_keys)
+    ds = grain.MapDataset.source(examples).shuffle(seed=seed).to_iter_dataset()
+    return sum(1 for _ in packing.pack(ds, self.max_len, self.slots, self._TOKEN_KEYS,
+                                       self.batch_keys, bins=self.config.batch_size, seed=seed))
 
   def report_split(self) -> str:
     return "test"
@@ -140,22 +190,29 @@ class LabeledTask(Task, abc.ABC):
   def train_iterator(self, seed: int, process_index: int = 0, process_count: int = 1):
     """Endless, checkpointable: a seeded shuffle of the training rows, new every epoch."""
     keep = pipeline.process_rows(self.config.batch_size, process_index, process_count)
-    ds = (grain.MapDataset.source(ArrayRows(self.device_arrays(self.features("train"))))
-          .shuffle(seed=seed)
-          .repeat(None)
-          .batch(self.config.batch_size, drop_remainder=True)
-          .map(functools.partial(_rows_of_process, keep=keep)))
-    return iter(ds.to_iter_dataset())
+    size = self.config.batch_size
+    if not self.packing:
+      ds = (grain.MapDataset.source(ArrayRows(self.device_arrays(self.features("train"))))
+            .shuffle(seed=seed).repeat(None).batch(size, drop_remainder=True).to_iter_dataset())
+    else:  # a batch's worth of rows filled at once, from the epoch's shuffled examples
+      examples = packing.ExampleRows(self.features("train"), self._TOKEN_KEYS, self.batch_keys)
+      ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None).to_iter_dataset()
+      ds = packing.pack(ds, self.max_len, self.slots, self._TOKEN_KEYS, self.batch_keys,
+                        bins=size, seed=seed).batch(size, drop_remainder=True)
+    return iter(ds.map(functools.partial(_rows_of_process, keep=keep)))
 
   def eval_batches(self, split: str = "validation", process_index: int = 0,
                    process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """The split in order, in batches of config.eval_batch_size (or batch_size) rows."""
-    return self.batches(self.device_arrays(self.features(split)), process_index, process_count)
+    return self.batches(self.rows(self.features(split)), process_index, process_count)
+
+  def _eval_batch_size(self) -> int:
+    return int(self.config.get("eval_batch_size", 0) or self.config.batch_size)
 
   def batches(self, arrays: dict[str, np.ndarray], process_index: int = 0,
               process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """Fixed-shape batches in order; the last is padded with rows whose example_mask is 0."""
-    size = int(self.config.get("eval_batch_size", 0) or self.config.batch_size)
+    size = self._eval_batch_size()
     keep = pipeline.process_rows(size, process_index, process_count)
     n = len(arrays["inputs"])
     out = []
@@ -171,16 +228,28 @@ class LabeledTask(Task, abc.ABC):
   # -- evaluation helpers ----------------------------------------------------------------------
 
   def logits(self, variables, batch, rng=None, deterministic=True):
+    packed = {"slots": self.slots} if self.packing else {}
     return self.apply(variables, batch["inputs"], batch["segment_ids"], batch["token_types"],
-                      batch["positions"], rng=rng, deterministic=deterministic)
+                      batch["positions"], rng=rng, deterministic=deterministic, **packed)
 
   def finish(self, workdir, variables, val, eval_batches) -> None:
     print(f"validation (best checkpoint): {', '.join(f'{k} {v:.4f}' for k, v in val.items())}")
 
   @staticmethod
   def gather(outputs, key: str, n: int) -> np.ndarray:
-    """The first n rows (the split's real examples) of output `key` over all batches."""
-    return np.concatenate([o[key] for o in outputs])[:n]
+    """Output `key` of the split's n examples, in order: the first n rows over all batches,
+    or, packed (outputs carry example_index), each real slot put back at its example."""
+    values = np.concatenate([o[key] for o in outputs])
+    if "example_index" not in outputs[0]:
+      return values[:n]
+    index = np.concatenate([o["example_index"] for o in outputs]).ravel()
+    real = np.concatenate([o["example_mask"] for o in outputs]).ravel() > 0
+    values = values.reshape(len(index), *values.shape[2:])
+    if not np.array_equal(np.bincount(index[real], minlength=n), np.ones(n, int)):
+      raise RuntimeError(f"packed outputs do not hold each of the {n} examples exactly once")
+    out = np.zeros((n, *values.shape[1:]), values.dtype)
+    out[index[real]] = values[real]
+    return out
 
   @staticmethod
   def mean_loss(outputs) -> float:

@@ -55,6 +55,27 @@ def _changed_fields(workdir: str, config) -> list[str]:
   return out
 
 
+# Input-pipeline settings the saved data-iterator position only means something under (with
+# their defaults in runs saved before they existed): packing's iterator state is another tree.
+_ITERATOR_FIELDS = {"packing": False, "pack_slots": 0}
+
+
+def check_same_iterator(workdir: str, config, step: int) -> None:
+  """The saved data position continues only the pipeline it was taken in."""
+  try:
+    saved = workdir_lib.load_config(workdir).get("data") or {}
+  except (FileNotFoundError, ValueError):
+    return
+  data = config.get("data") or {}
+  changed = [f"config.data.{k}={data.get(k, d)!r} (the checkpoints' {saved.get(k, d)!r})"
+             for k, d in _ITERATOR_FIELDS.items() if data.get(k, d) != saved.get(k, d)]
+  if changed:
+    raise ValueError(
+        f"--workdir={workdir} checkpoint step {step} saved its place in another input pipeline: "
+        f"{', '.join(changed)}. Resume with the settings it was trained with, or train into a "
+        f"new workdir with --config.init_from={workdir} to start from its weights")
+
+
 def check_same_state(saved: dict[str, tuple], abstract_state, workdir: str, config,
                      step: int) -> None:
   """The saved tree (paths and shapes) must be the tree this run restores into."""
@@ -110,6 +131,7 @@ def restore_newest(ckpt: checkpoint.Checkpointer, abstract_state, data_iter, wor
       # A readable step with another format or tree is the config's problem, not damage.
       check_format(meta, step, ckpt.directory)
       check_same_state(saved, abstract_state, workdir, config, step)
+      check_same_iterator(workdir, config, step)
       try:
         state, meta = ckpt.restore(step, abstract_state, data_iter)
       except Exception as e:  # a truncated or missing array file
