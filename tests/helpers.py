@@ -130,3 +130,11 @@ def eval_outputs(task, variables, batches):
   from jaxft.run import evaluation
 
   return evaluation.run_batches(evaluation.single_device_eval(task), batches, variables)
+
+
+def loss_rows(workdir) -> list[tuple]:
+  """(step, train loss, validation loss) of each metrics row that has either, in file order."""
+  from jaxft.run import workdir as workdir_lib
+
+  return [(r["step"], r.get("train/loss"), r.get("val/loss"))
+          for r in workdir_lib.read_metrics(workdir) if "train/loss" in r or "val/loss" in r]

@@ -18,8 +18,7 @@ from jaxft import tasks, train
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.run import loader
 from tests import helpers
-from tests.helpers import set_fields, topic_rows, write_csv
-from tests.test_peft import loss_rows
+from tests.helpers import loss_rows, set_fields, topic_rows, write_csv
 
 
 def _rows(n, seed):

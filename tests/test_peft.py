@@ -24,9 +24,9 @@ from jaxft.parallel import sharding
 from jaxft.peft import adalora
 from jaxft.run import checkpoint, optim, steps
 from jaxft.run import state as state_lib
-from jaxft.run import workdir as workdir_lib
 from tests import helpers
 from tests.helpers import (
+  loss_rows,
   random_batch,
   save_tiny_bert,
   set_fields,
@@ -324,12 +324,6 @@ def test_lora_run_freezes_the_base_exports_merged_and_saves_a_small_adapter(tmp_
   assert size < 0.2 * os.path.getsize(os.path.join(tiny_bert, "model.safetensors"))
   _, task2, reloaded = helpers.open_trained(adapter_dir)
   np.testing.assert_array_equal(helpers.eval_outputs(task2, reloaded, [b])[0]["logits"], ours)
-
-
-def loss_rows(workdir) -> list[tuple]:
-  """(step, train loss, validation loss) of each metrics row that has either, in file order."""
-  return [(r["step"], r.get("train/loss"), r.get("val/loss"))
-          for r in workdir_lib.read_metrics(workdir) if "train/loss" in r or "val/loss" in r]
 
 
 def test_peft_run_resumes_and_checks_its_base(tmp_path, tiny_bert, caplog):
