@@ -151,8 +151,7 @@ def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str =
     if peer is not None:
       torch_times.append(peer.run(steps))
   step_s = statistics.median(jax_times)
-  flops_tok = flops.flops_per_token(runner.task.model_cfg, config.seq_len)
-  tokens_per_s = tokens_per_step / step_s
+  flops_tok = runner.task.flops_per_token(config.seq_len)
   result = {
       "variant": config.get("variant", ""), "devices": jax.device_count(),
       "device_kind": jax.devices()[0].device_kind, "batch_size": config.batch_size,
@@ -160,10 +159,8 @@ def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str =
       "params": int(sum(x.size for x in jax.tree.leaves(runner.state.params))),
       "lower_s": round(runner.lower_s, 3), "compile_s": round(runner.compile_s, 3),
       "step_s": step_s, "step_s_rounds": jax_times, "tokens_per_step": tokens_per_step,
-      "tokens_per_s": tokens_per_s,
-      "flops_per_token": flops_tok,
-      "mfu": tokens_per_s * flops_tok / (peak * jax.device_count()), "mfu_vs": peak_src,
-      "peak_flops_per_device": peak,
+      **flops.throughput(tokens_per_step / step_s, flops_tok, peak, jax.device_count()),
+      "flops_per_token": flops_tok, "mfu_vs": peak_src, "peak_flops_per_device": peak,
       **runner.memory(),
   }
   if peer is not None:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxft.models import attention, layers
+from jaxft.models import attention, flops, layers
 from jaxft.models.dropout import Dropout
 from jaxft.parallel import sharding
 
@@ -53,6 +53,12 @@ class BertConfig:
                           dropout_rate=self.attention_probs_dropout_prob,
                           dropout_field="config.model.attention_probs_dropout_prob",
                           dtype=self.dtype)
+
+  @property
+  def flops_backbone(self) -> flops.Backbone:
+    d = self.hidden_size  # q, k, v, out: 4·d², MLP d -> ff -> d
+    return flops.Backbone(self.num_hidden_layers, d, d, 4 * d * d + 2 * d * self.intermediate_size,
+                          causal=False)
 
 
 def _init(cfg: BertConfig, axes):

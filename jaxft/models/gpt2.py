@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxft.models import attention, layers
+from jaxft.models import attention, flops, layers
 from jaxft.models.dropout import Dropout
 from jaxft.parallel import sharding
 
@@ -51,6 +51,11 @@ class GPT2Config:
   def attention_spec(self) -> attention.Spec:
     return attention.Spec(self.attention_impl, causal=True, dropout_rate=self.attn_pdrop,
                           dropout_field="config.model.attn_pdrop", dtype=self.dtype)
+
+  @property
+  def flops_backbone(self) -> flops.Backbone:
+    d = self.n_embd  # q, k, v, out: 4·d², MLP d -> 4d -> d: 8·d²
+    return flops.Backbone(self.n_layer, d, d, 12 * d * d, causal=True)
 
 
 def _dense_init(cfg: GPT2Config, scale: float = 1.0):

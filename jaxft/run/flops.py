@@ -1,26 +1,14 @@
-"""Model FLOPs per token and MFU against a device's peak (bf16 dense on accelerators; on CPU, a
-matmul ceiling measured at start-up)."""
+"""A device's peak FLOP/s for MFU (bf16 dense on accelerators; on CPU, a matmul ceiling measured
+at start-up) and the throughput figures every log and bench reports. Model FLOPs per token are
+the task's (Task.flops_per_token, counted as in jaxft/models/flops.py)."""
 
 import functools
+import math
 import os
 import time
 
 import jax
 import jax.numpy as jnp
-
-
-def flops_per_token(model_cfg, seq_len: int) -> float:
-  """Training FLOPs per token: 6·N (non-embedding params + the LM-head matmul) plus attention
-  6·L·T·D (the 12·L·D·T score/value matmuls, halved because causal masking skips half).
-
-  For BERT (bidirectional: the full 12·L·T·D) the head is left out: classifier heads are tiny
-  and the MLM head only scores the masked positions."""
-  if hasattr(model_cfg, "hidden_size"):
-    d, n_layer, ff = model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.intermediate_size
-    return 6.0 * n_layer * (4 * d * d + 2 * d * ff) + 12.0 * n_layer * seq_len * d
-  d, n_layer, vocab = model_cfg.n_embd, model_cfg.n_layer, model_cfg.vocab_size
-  block_params = n_layer * (12 * d * d + 13 * d)  # qkv+out (4d²), mlp (8d²), biases, norms
-  return 6.0 * (block_params + d * vocab) + 6.0 * n_layer * seq_len * d
 
 
 def peak_flops_per_device() -> tuple[float, str]:
@@ -58,3 +46,15 @@ def cpu_matmul_ceiling(n: int = 2048, repeats: int = 4) -> float:
   return 2.0 * n**3 / best
 
 
+
+
+def throughput(tokens_per_s: float, flops_per_token: float, peak_per_device: float,
+               devices: int) -> dict[str, float]:
+  """tokens/s of the whole step -> the figures logs and bench JSON carry: per-device tokens/s,
+  model TFLOP/s per device and MFU (absent where the device's peak is unknown)."""
+  per_device = tokens_per_s / devices
+  out = {"tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
+         "model_tflops_per_s_per_device": per_device * flops_per_token / 1e12}
+  if math.isfinite(peak_per_device):
+    out["mfu"] = per_device * flops_per_token / peak_per_device
+  return out

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxft import peft
+from jaxft.models import flops
 from jaxft.models.registry import build_model, hf_architecture
 
 
@@ -67,6 +68,18 @@ class Task(abc.ABC):
   def num_train_examples(self) -> int | None:
     """Rows of one training epoch (None: a stream without epochs, e.g. packed LM text)."""
     return None
+
+  def head_weights_per_token(self, seq_len: int) -> float:
+    """The head's matmul weights one token of a [seq_len] row pays for (an LM head's d·V; a
+    per-example head's weights over the row length); see jaxft/models/flops.py."""
+    del seq_len
+    return 0.0
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Model FLOPs of one trained token (MaxText's convention: jaxft/models/flops.py)."""
+    return flops.training_flops_per_token(
+        self.model_cfg.flops_backbone, seq_len, self.head_weights_per_token(seq_len),
+        frozen_base=self.peft.name != "none")
 
   def init(self, rng, seq_len: int):
     tokens = jnp.zeros((1, seq_len), jnp.int32)

@@ -39,6 +39,9 @@ class CausalLM(Task):
       raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.n_positions="
                        f"{self.model_cfg.n_positions}; lower seq_len or raise n_positions")
 
+  def head_weights_per_token(self, seq_len: int) -> float:
+    return self.model_cfg.n_embd * self.model_cfg.vocab_size  # the tied LM head, every token
+
   def init(self, rng, seq_len: int):
     """Boxed (logically partitioned) variables for a [1, seq_len] dummy batch."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)

@@ -59,6 +59,13 @@ class SequenceClassification(LabeledTask):
   prediction_fields = ("text",)
   packable = True
 
+  def head_weights_per_token(self, seq_len: int) -> float:
+    # Once per example (every slot of a packed row): BERT's pooler d·d, the classifier d·n.
+    d = self.model_cfg.flops_backbone.width
+    pooler = d * d if self.config.model.get("family", "gpt2") == "bert" else 0
+    per_row = self.slots if self.packing else 1
+    return per_row * (pooler + d * len(self.labels)) / seq_len
+
   def label_values(self, example):
     return [example["label"]]
 

@@ -162,6 +162,11 @@ class MaskedLM(Task):
     self.mlm_probability = float(p)
     self.num_picks = num_predictions(self.mlm_probability, config.seq_len - 2)
 
+  def head_weights_per_token(self, seq_len: int) -> float:
+    # The MLM transform (d·d) and the tied decoder (d·V) score only the picked positions.
+    d, v = self.model_cfg.hidden_size, self.model_cfg.vocab_size
+    return self.num_picks * (d * d + d * v) / seq_len
+
   def init(self, rng, seq_len: int):
     """Boxed variables for a [1, seq_len] dummy batch (the head shares the word embedding, so
     scoring every position creates the same parameters as scoring a few)."""

@@ -53,6 +53,9 @@ class TokenClassification(LabeledTask):
   batch_keys = ("labels", "label_mask")
   prediction_fields = ("text",)
 
+  def head_weights_per_token(self, seq_len: int) -> float:
+    return self.model_cfg.flops_backbone.width * len(self.labels)  # every token is tagged
+
   def label_values(self, example):
     return example["tags"]
 

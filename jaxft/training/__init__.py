@@ -61,5 +61,5 @@ def _log_model(s, counts: dict) -> None:
            f"{counts['params/total']:,}", f"{counts['params/trainable']:,}",
            counts["params/trainable_percent"], peft.describe(), peft.learning_rate(lr),
            f"{counts['optimizer/state_bytes']:,}", dict(s.mesh.shape),
-           flops.flops_per_token(s.task.model_cfg, s.config.seq_len) / 1e6,
+           s.task.flops_per_token(s.config.seq_len) / 1e6,
            flops.peak_flops_per_device()[1], s.num_steps)

@@ -46,7 +46,7 @@ class StepLog:
 
   def __init__(self, s: Setup, writer: logs.Writer, bar, last_saved: int | None):
     self.workdir, self.writer, self.bar, self.last_saved = s.workdir, writer, bar, last_saved
-    self.flops_per_token = flops.flops_per_token(s.task.model_cfg, s.config.seq_len)
+    self.flops_per_token = s.task.flops_per_token(s.config.seq_len)
     self.peak, _ = flops.peak_flops_per_device()
     self.pending: list = []
     self.untimed = 0  # pending steps that include compilation
@@ -76,9 +76,9 @@ class StepLog:
     timed = host[self.untimed:]
     if timed:
       tokens_per_s = float(sum(m["tokens"] for m in timed)) / max(now - self.t_last, 1e-9)
-      rec["train/tokens_per_s"] = tokens_per_s
-      if math.isfinite(self.peak):  # an accelerator missing from flops' table has no MFU
-        rec["train/mfu"] = tokens_per_s * self.flops_per_token / (self.peak * jax.device_count())
+      # MFU only where the device's peak is known (an accelerator missing from flops' table).
+      rec.update({f"train/{k}": v for k, v in flops.throughput(
+          tokens_per_s, self.flops_per_token, self.peak, jax.device_count()).items()})
     self.writer.write(step, rec)
     self.bar.set_postfix(loss=f"{rec['train/loss']:.3f}", lr=f"{rec['train/lr']:.2e}",
                          tok_s=f"{rec.get('train/tokens_per_s', 0):.0f}")
