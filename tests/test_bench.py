@@ -7,14 +7,16 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, topic_rows, write_csv
+from tests.helpers import ROOT, topic_rows, write_corpus, write_csv
 
 
-def test_bench_cli_ends_with_one_json_line_of_consistent_figures():
+def test_bench_cli_ends_with_one_json_line_of_consistent_figures(tmp_path):
+  corpus = write_corpus(str(tmp_path / "corpus"))
   out = subprocess.run(
       [sys.executable, "-m", "jaxft.bench", "--config", "configs/gpt2.py:tiny", "--steps", "2",
        "--rounds", "2", "--warmup", "1", "--torch", "eager", "--config.mesh.data=1",
-       "--config.batch_size=4"],
+       "--config.batch_size=4", f"--config.data.files={corpus}",
+       f"--config.data.data_dir={tmp_path / 'tfds'}"],
       cwd=ROOT, capture_output=True, text=True, env=_bench_env())
   assert out.returncode == 0, out.stderr[-3000:]
   lines = out.stdout.strip().splitlines()
@@ -26,9 +28,14 @@ def test_bench_cli_ends_with_one_json_line_of_consistent_figures():
   assert r["mfu_vs"] == "measured host CPU f32 matmul ceiling" and r["peak_flops_per_device"] > 1e9
   assert r["mfu"] == pytest.approx(
       r["tokens_per_s"] * r["flops_per_token"] / r["peak_flops_per_device"])
+  assert r["tokens_per_s_per_device"] == r["tokens_per_s"]  # one device
+  # The step fed by the training pipeline (prepared ahead): its time and the idle share.
+  assert len(r["input_step_s_rounds"]) == 2 and 0 <= r["input_wait_fraction"] < 1
+  assert r["device_idle_fraction"] == pytest.approx(max(0, 1 - r["step_s"] / r["input_step_s"]))
   assert r["temp_bytes"] > 0 and r["host_peak_rss_bytes"] > 0
   assert r["jaxft_over_torch"] == pytest.approx(r["torch_eager_step_s"] / r["step_s"])
   assert any("tokens/s" in line and "MFU" in line for line in lines)
+  assert any("waits for input" in line for line in lines)
 
 
 def _bench_env():

@@ -32,7 +32,11 @@ def test_run_writes_everything_a_user_looks_at(tmp_path, capsys):
   records = workdir_lib.read_metrics(workdir)
   assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 7))
   assert [r["step"] for r in records if "val/loss" in r] == [3, 6]
-  assert all("train/tokens_per_s" in r for r in records if "train/loss" in r and r["step"] > 1)
+  timed = [r for r in records if "train/loss" in r and r["step"] > 1]
+  assert timed and all(
+      r["train/tokens_per_s_per_device"] == pytest.approx(r["train/tokens_per_s"] / 8)
+      and r["train/mfu"] > 0 and r["train/model_tflops_per_s_per_device"] > 0
+      and 0 <= r["train/input_wait_fraction"] < 1 for r in timed)
   out = capsys.readouterr().out
   assert "final validation loss" in out and "unigram baseline" in out
   assert out.count("--- sample ---") == len(config.sample.prompts)

@@ -2,7 +2,7 @@
 (`python -m jaxft.bench` runs it: jaxft/bench/__main__.py.)
 
     python -m jaxft.bench --config configs/gpt2.py:cpu-bench [--config.FIELD=V ...] \
-        [--steps 10] [--rounds 3] [--torch compile]
+        [--steps 10] [--rounds 3] [--torch compile] [--noinput]
     python -m jaxft.bench --config configs/finetune.py:bbc_news --torch eager
 
 The step is the one `jaxft.train` runs (same sharded state, same jit with donation, the model
@@ -10,7 +10,10 @@ sizes filled from `config.init_from` as training fills them; the weights are ran
 LM batches are random tokens in the batch contract (one segment per row), so the figures are
 the step's alone, not the data pipeline's; other tasks (fine-tuning heads, masked LM) time
 the first batch of their own training data, whose labels their loss needs. tokens/s counts
-non-padding tokens. `--torch eager|compile` also trains the task's transformers model
+non-padding tokens. Unless --noinput, each round also runs the step fed by the task's
+own training pipeline (read, tokenised, packed and put on the devices ahead, as jaxft.train
+feeds it): the step time it adds over the fixed batch is the device waiting for input
+(device_idle_fraction). `--torch eager|compile` also trains the task's transformers model
 (GPT2LMHeadModel, BertForSequenceClassification, ...: `task.architecture` with the same
 config, dropout included) with torch.optim.AdamW on the same batch, in the same process,
 alternating rounds with jaxft so both see the same machine load, and reports the ratio. The
@@ -30,7 +33,7 @@ from ml_collections import config_flags
 
 from jaxft import hf, peft, tasks
 from jaxft.parallel import sharding
-from jaxft.run import flops, loader, optim, steps
+from jaxft.run import flops, loader, optim, prefetch, steps
 from jaxft.run import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:variant].",
@@ -38,6 +41,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:v
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per round")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "rounds (alternating with --torch); median reported")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps after compilation")
+_INPUT = flags.DEFINE_boolean(
+    "input", True, "also time the step fed by the task's training pipeline (prepared ahead, as "
+    "in jaxft.train) and report the fraction of time the device waits for input")
 _TORCH = flags.DEFINE_enum("torch", "none", ["none", "eager", "compile"],
                            "also time the task's transformers (PyTorch) model on the same batch")
 
@@ -60,6 +66,7 @@ class JaxftRunner:
         self.task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh,
         axis_rules=config.axis_rules)
     step, _, batch_sh, _ = steps.jit_steps(self.task, tx, schedule, config, lay, shardings, mesh)
+    self.batch_sharding = batch_sh
     self.host_batch = self.task.benchmark_batch(config.data.shuffle_seed)
     self.batch = sharding.global_batch(self.host_batch, batch_sh)
     t = time.perf_counter()
@@ -76,6 +83,24 @@ class JaxftRunner:
       self.state, m = self.compiled(self.state, self.frozen, self.batch)
     jax.block_until_ready(m["loss"])
     return (time.perf_counter() - t) / n
+
+  def start_input(self) -> None:
+    """The task's own training pipeline, prepared ahead as jaxft.train prepares it
+    (run/prefetch.py); its first batch (pipeline start-up) is consumed untimed."""
+    self.input = prefetch.DeviceBatches(
+        self.task.train_iterator(self.config.data.shuffle_seed), self.batch_sharding)
+    self.state, m = self.compiled(self.state, self.frozen, next(self.input))
+    jax.block_until_ready(m["loss"])
+
+  def run_input(self, n: int) -> tuple[float, float]:
+    """(seconds per step, fraction of the time spent waiting for input) over n steps fed by
+    the training pipeline."""
+    t, waited = time.perf_counter(), self.input.wait_s
+    for _ in range(n):
+      self.state, m = self.compiled(self.state, self.frozen, next(self.input))
+    jax.block_until_ready(m["loss"])
+    wall = time.perf_counter() - t
+    return wall / n, (self.input.wait_s - waited) / wall
 
   def memory(self) -> dict[str, int]:
     out = {}
@@ -132,7 +157,8 @@ class TorchRunner:
     return (time.perf_counter() - t) / n
 
 
-def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str = "none") -> dict:
+def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str = "none",
+              with_input: bool = False) -> dict:
   method = peft.make(config.get("peft")).name  # resolved as training resolves it
   if torch_mode != "none" and method != "none":
     raise ValueError(f"--torch trains the full transformers model, so it is no peer for "
@@ -145,11 +171,15 @@ def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str =
          if torch_mode != "none" else None)
   if peer is not None:
     peer.run(warmup)
-  jax_times, torch_times = [], []
+  if with_input:
+    runner.start_input()
+  jax_times, torch_times, input_rounds = [], [], []
   for _ in range(rounds):
     jax_times.append(runner.run(steps))
     if peer is not None:
       torch_times.append(peer.run(steps))
+    if with_input:
+      input_rounds.append(runner.run_input(steps))
   step_s = statistics.median(jax_times)
   flops_tok = runner.task.flops_per_token(config.seq_len)
   result = {
@@ -163,6 +193,13 @@ def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str =
       "flops_per_token": flops_tok, "mfu_vs": peak_src, "peak_flops_per_device": peak,
       **runner.memory(),
   }
+  if with_input:
+    input_step = statistics.median(r[0] for r in input_rounds)
+    result.update({
+        "input_step_s": input_step, "input_step_s_rounds": [r[0] for r in input_rounds],
+        "input_wait_fraction": statistics.median(r[1] for r in input_rounds),
+        # The step on its fixed batch is pure compute: what the pipeline adds is idle time.
+        "device_idle_fraction": max(0.0, 1.0 - step_s / input_step)})
   if peer is not None:
     torch_step = statistics.median(torch_times)
     result.update({f"torch_{torch_mode}_step_s": torch_step,
@@ -177,7 +214,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   r = benchmark(config, steps=_STEPS.value, rounds=_ROUNDS.value, warmup=_WARMUP.value,
-                torch_mode=_TORCH.value)
+                torch_mode=_TORCH.value, with_input=_INPUT.value)
   mem = r.get("device_peak_bytes") or r["temp_bytes"] + r["argument_bytes"]
   print(f"{r['variant'] or 'config'}: {r['params']:,} params, batch {r['batch_size']} x "
         f"{r['seq_len']} on {r['devices']} {r['device_kind']} device(s)")
@@ -186,6 +223,10 @@ def main(argv):
         f"MFU {100 * r['mfu']:.1f}% (vs {r['mfu_vs']})")
   print(f"  memory: {mem / 2**20:,.0f} MiB per device (compiled args+temps or device peak), "
         f"host peak RSS {r['host_peak_rss_bytes'] / 2**20:,.0f} MiB")
+  if _INPUT.value:
+    print(f"  fed by the training pipeline: step {r['input_step_s'] * 1e3:.1f} ms; the device "
+          f"waits for input {100 * r['device_idle_fraction']:.1f}% of the time (the loop "
+          f"blocked on a batch {100 * r['input_wait_fraction']:.1f}%)")
   if _TORCH.value != "none":
     key = f"torch_{_TORCH.value}"
     print(f"  transformers PyTorch ({_TORCH.value}): {r[key + '_tokens_per_s']:,.0f} tokens/s; "

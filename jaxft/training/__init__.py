@@ -38,15 +38,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     except BaseException:
       # Cleanup after a failure logs its own errors instead of raising them: the first error
       # (a failed save, a NaN, a kill) is the one the user sees.
-      _close(s.ckpt, best_ckpt, writer, quiet=True)
+      _close(s, best_ckpt, writer, quiet=True)
       raise
-    _close(s.ckpt, best_ckpt, writer, quiet=False)
+    _close(s, best_ckpt, writer, quiet=False)
     return finish(s, result.state, result.val, tracker, best_ckpt)
 
 
-def _close(ckpt, best_ckpt, writer, *, quiet: bool) -> None:
+def _close(s, best_ckpt, writer, *, quiet: bool) -> None:
+  s.train_iter.close()  # the input thread stops preparing batches
   try:
-    ckpt.close(quiet=quiet)
+    s.ckpt.close(quiet=quiet)
   finally:
     try:
       best_ckpt.close(quiet=quiet)

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from jaxft.parallel import distributed, sharding
+from jaxft.parallel import distributed
 from jaxft.run import checkpoint, evaluation, flops, logs
 from jaxft.training import best as best_lib
 from jaxft.training.setup import Setup
@@ -46,14 +46,16 @@ class StepLog:
 
   def __init__(self, s: Setup, writer: logs.Writer, bar, last_saved: int | None):
     self.workdir, self.writer, self.bar, self.last_saved = s.workdir, writer, bar, last_saved
+    self.train_iter = s.train_iter
     self.flops_per_token = s.task.flops_per_token(s.config.seq_len)
     self.peak, _ = flops.peak_flops_per_device()
     self.pending: list = []
     self.untimed = 0  # pending steps that include compilation
     self.restart_clock()
 
-  def restart_clock(self) -> None:
-    self.t_last = time.perf_counter()
+  def restart_clock(self, now: float | None = None) -> None:
+    self.t_last = time.perf_counter() if now is None else now
+    self.waited_before = self.train_iter.wait_s
 
   def first_step_done(self) -> None:
     """The first step includes compilation: keep it out of tokens/s."""
@@ -79,10 +81,15 @@ class StepLog:
       # MFU only where the device's peak is known (an accelerator missing from flops' table).
       rec.update({f"train/{k}": v for k, v in flops.throughput(
           tokens_per_s, self.flops_per_token, self.peak, jax.device_count()).items()})
+      # Time the loop waited for a batch that was not prepared yet: input-bound time (an upper
+      # bound of the device's idle time, which may still have been finishing the step before).
+      rec["train/input_wait_fraction"] = ((self.train_iter.wait_s - self.waited_before)
+                                          / max(now - self.t_last, 1e-9))
     self.writer.write(step, rec)
     self.bar.set_postfix(loss=f"{rec['train/loss']:.3f}", lr=f"{rec['train/lr']:.2e}",
                          tok_s=f"{rec.get('train/tokens_per_s', 0):.0f}")
-    self.pending, self.t_last, self.untimed = [], now, 0
+    self.pending, self.untimed = [], 0
+    self.restart_clock(now)
 
 
 @dataclasses.dataclass
@@ -107,7 +114,7 @@ def train_loop(s: Setup, writer: logs.Writer, tracker: best_lib.BestTracker,
     for step in range(start, s.num_steps):
       if stopped:
         break
-      batch = sharding.global_batch(next(s.train_iter), s.batch_sharding)
+      batch = next(s.train_iter)  # prepared during the previous step (run/prefetch.py)
       state, step_metrics = s.train_step(state, s.frozen, batch)
       step_log.pending.append(step_metrics)
       done = step + 1

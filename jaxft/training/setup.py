@@ -14,7 +14,7 @@ import ml_collections
 from jaxft import tasks, trees
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.parallel import distributed, sharding
-from jaxft.run import checkpoint, loader, optim, steps
+from jaxft.run import checkpoint, loader, optim, prefetch, steps
 from jaxft.run import state as state_lib
 from jaxft.run import workdir as workdir_lib
 from jaxft.training import best, resume
@@ -35,7 +35,7 @@ class Setup:
   frozen: dict  # the variables that never train (a PEFT run's base), beside the state
   meta: dict  # the restored checkpoint's metadata ({} for a new run)
   ckpt: checkpoint.Checkpointer
-  train_iter: Any
+  train_iter: Any  # run/prefetch.DeviceBatches: on-device batches, checkpointable
   eval_batches: list
   train_step: Any
   eval_step: Any
@@ -111,7 +111,9 @@ def _setup(config, workdir: str, mesh, ckpt: checkpoint.Checkpointer) -> Setup:
   with distributed.primary_first("data"):
     task = tasks.make_task(config, labels=labels)
     check_vocab(config)
-    train_iter = task.train_iterator(config.data.shuffle_seed, **proc)
+    # Prepared on a background thread and put on the devices while the step before runs.
+    train_iter = prefetch.DeviceBatches(task.train_iterator(config.data.shuffle_seed, **proc),
+                                        sharding.batch_sharding(mesh, config.axis_rules))
     eval_batches = task.eval_batches("validation", **proc)
   steps_total = num_steps(config, task)
   every = eval_every(config, task)
