@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny configs and synthetic batches following the batch contract."""
 
+import json
 import os
 
 import numpy as np
@@ -138,3 +139,43 @@ def loss_rows(workdir) -> list[tuple]:
 
   return [(r["step"], r.get("train/loss"), r.get("val/loss"))
           for r in workdir_lib.read_metrics(workdir) if "train/loss" in r or "val/loss" in r]
+
+
+def write_conll(path, n, seed):
+  """n CoNLL sentences of 4-8 chunks: Paris (B-LOC), John Smith (B-PER I-PER), filler (O)."""
+  rng = np.random.default_rng(seed)
+  lines = []
+  for _ in range(n):
+    words, tags = [], []
+    for _ in range(rng.integers(4, 9)):
+      r = rng.random()
+      if r < 0.2:
+        words += ["Paris"]
+        tags += ["B-LOC"]
+      elif r < 0.35:
+        words += ["John", "Smith"]
+        tags += ["B-PER", "I-PER"]
+      else:
+        words += [str(rng.choice(FILLER))]
+        tags += ["O"]
+    lines += [f"{w} X {t}" for w, t in zip(words, tags)] + [""]
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def write_squad(path, n, seed, bad=False):
+  """n SQuAD 1.1 questions whose answer is the city of a context of 11-67 words; `bad`: one
+  answer_start off by one."""
+  rng = np.random.default_rng(seed)
+  paragraphs = []
+  for i in range(n):
+    city = str(rng.choice(["Paris", "Rome", "Oslo", "Lima", "Cairo"]))
+    filler = " ".join(rng.choice(FILLER, size=int(rng.integers(3, 30))))
+    context = f"{filler} the meeting was held in {city} . {filler}"
+    start = context.index(city) + (1 if bad and i == 3 else 0)
+    paragraphs.append({"context": context, "qas": [{
+        "id": f"q{i}", "question": "where was the meeting held ?",
+        "answers": [{"text": city, "answer_start": start}]}]})
+  path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t",
+                                                            "paragraphs": paragraphs}]}))
+  return str(path)

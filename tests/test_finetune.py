@@ -17,7 +17,7 @@ from jaxft import train
 from jaxft.run import checkpoint
 from jaxft.run import workdir as workdir_lib
 from tests import helpers
-from tests.helpers import FILLER, ROOT, set_fields, topic_rows, write_csv
+from tests.helpers import ROOT, set_fields, topic_rows, write_conll, write_csv, write_squad
 
 
 def _config(variant, tmp_path, init_from, **overrides):
@@ -102,30 +102,9 @@ def test_early_stopping_keeps_the_best_params(tmp_path, tiny_bert, capsys):
   assert checkpoint.Checkpointer(str(workdir), 2).latest_step() == 15
 
 
-def _conll(path, n, seed):
-  rng = np.random.default_rng(seed)
-  lines = []
-  for _ in range(n):
-    words, tags = [], []
-    for _ in range(rng.integers(4, 9)):
-      r = rng.random()
-      if r < 0.2:
-        words += ["Paris"]
-        tags += ["B-LOC"]
-      elif r < 0.35:
-        words += ["John", "Smith"]
-        tags += ["B-PER", "I-PER"]
-      else:
-        words += [str(rng.choice(FILLER))]
-        tags += ["O"]
-    lines += [f"{w} X {t}" for w, t in zip(words, tags)] + [""]
-  path.write_text("\n".join(lines) + "\n")
-  return str(path)
-
-
 def test_ner_run_scores_entities_and_predicts_spans(tmp_path, tiny_bert):
   config = _config("ner", tmp_path, tiny_bert, **{
-      "data.train": _conll(tmp_path / "train.conll", 120, 0), "num_steps": 40,
+      "data.train": write_conll(tmp_path / "train.conll", 120, 0), "num_steps": 40,
       "eval_every": 20})
   workdir = tmp_path / "run"
   val = train.train_and_evaluate(config, str(workdir))
@@ -140,26 +119,10 @@ def test_ner_run_scores_entities_and_predicts_spans(tmp_path, tiny_bert):
                               {"type": "LOC", "start": 18, "end": 23, "text": "Paris"}]
 
 
-def _squad(path, n, seed, bad=False):
-  rng = np.random.default_rng(seed)
-  paragraphs = []
-  for i in range(n):
-    city = str(rng.choice(["Paris", "Rome", "Oslo", "Lima", "Cairo"]))
-    filler = " ".join(rng.choice(FILLER, size=int(rng.integers(3, 30))))
-    context = f"{filler} the meeting was held in {city} . {filler}"
-    start = context.index(city) + (1 if bad and i == 3 else 0)
-    paragraphs.append({"context": context, "qas": [{
-        "id": f"q{i}", "question": "where was the meeting held ?",
-        "answers": [{"text": city, "answer_start": start}]}]})
-  path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t",
-                                                            "paragraphs": paragraphs}]}))
-  return str(path)
-
-
 def test_qa_run_long_contexts_and_answer_spans(tmp_path, tiny_bert):
   # seq_len 32 with doc_stride 8: most contexts need several windows
   config = _config("squad", tmp_path, tiny_bert, **{
-      "data.train": _squad(tmp_path / "train.json", 150, 0), "num_steps": 60,
+      "data.train": write_squad(tmp_path / "train.json", 150, 0), "num_steps": 60,
       "eval_every": 30, "data.doc_stride": 8, "data.max_question_len": 12})
   workdir = tmp_path / "run"
   val = train.train_and_evaluate(config, str(workdir))
@@ -193,7 +156,7 @@ def test_errors_a_user_can_cause(tmp_path, tiny_bert):
     train.train_and_evaluate(config, str(tmp_path / "b"))
 
   config = _config("squad", tmp_path, tiny_bert, **{
-      "data.train": _squad(tmp_path / "bad.json", 20, 0, bad=True), "num_steps": 2})
+      "data.train": write_squad(tmp_path / "bad.json", 20, 0, bad=True), "num_steps": 2})
   with pytest.raises(ValueError, match=r"QA answer not found in its context: example 'q3'"):
     train.train_and_evaluate(config, str(tmp_path / "c"))
 

@@ -1,7 +1,10 @@
-"""Packed classification (config.data.packing): several examples per row give each example the
-outputs it has alone in a row (BERT's [CLS] pooler, GPT-2's last token), in evaluation and
-predict; a packed run learns and resumes bit-exactly; unsupported combinations are refused."""
+"""Packing (config.data.packing): several examples per row give each example the outputs it has
+alone in a row — classification (BERT's [CLS] pooler, GPT-2's last token), NER tags and QA
+start/end logits mapped back per segment — in evaluation and predict; packed training rows hold
+each example's own tokens and labels; a packed run learns and resumes bit-exactly; unsupported
+combinations are refused."""
 
+import functools
 import logging
 import os
 import shutil
@@ -18,7 +21,7 @@ from jaxft import tasks, train
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.run import loader
 from tests import helpers
-from tests.helpers import loss_rows, set_fields, topic_rows, write_csv
+from tests.helpers import loss_rows, set_fields, topic_rows, write_conll, write_csv, write_squad
 
 
 def _rows(n, seed):
@@ -123,12 +126,98 @@ def test_a_packed_run_learns_and_resumes_bit_exactly(tmp_path, tiny_bert, caplog
   assert task.packing and task.num_train_examples() < 108 / 2  # 108: 120 less the test 10%
 
 
+def _labeled_config(variant, tmp_path, init_from, **overrides):
+  config = finetune.get_config(variant)
+  config.init_from = init_from
+  config.data.data_dir = str(tmp_path / "tfds")
+  if variant == "ner":
+    config.data.train = write_conll(tmp_path / "train.conll", 60, 0)
+    config.data.validation = write_conll(tmp_path / "val.conll", 41, 1)
+  else:  # 128-token rows hold two or three short contexts; stride 24 for longer ones
+    config.data.train = write_squad(tmp_path / "train.json", 30, 0)
+    config.data.validation = write_squad(tmp_path / "val.json", 41, 1)
+    overrides = {"data.doc_stride": 24, "data.max_question_len": 12, "seq_len": 128,
+                 **overrides}
+  config.data.test_fraction = 0.1
+  config.seq_len = 48
+  config.batch_size, config.eval_batch_size = 8, 8
+  return set_fields(config, overrides)
+
+
+@pytest.mark.parametrize("variant", ["ner", "squad"])
+def test_packed_ner_and_qa_give_each_example_its_unpacked_outputs(tmp_path, tiny_bert, variant):
+  base = loader.resolve(_labeled_config(variant, tmp_path, tiny_bert))
+  plain = tasks.make_task(base)
+  packed = tasks.make_task(set_fields(base.copy_and_resolve_references(),
+                                      {"data.packing": True}), labels=plain.labels)
+  variables = nn.unbox(plain.init(jax.random.key(0), base.seq_len))
+  head = "classifier" if variant == "ner" else "qa_outputs"
+  kernel = variables["params"][head]["kernel"]
+  variables["params"][head]["kernel"] = jax.random.normal(jax.random.key(1), kernel.shape)
+  features = plain.features("validation")
+  n, real_tokens = len(features["inputs"]), features["segment_ids"] > 0
+  packed_batches = packed.eval_batches()
+  packed_rows = len(packed.rows(packed.features("validation"))["inputs"])
+  assert packed_rows < n * (0.5 if variant == "ner" else 0.75)  # several windows a row
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def outputs(task, batch):  # eval_outputs, plus NER's logits (its outputs are argmax ids)
+    out = task.eval_outputs(variables, batch)
+    return {**out, "logits": task.logits(variables, batch)} if variant == "ner" else out
+
+  ours = [jax.device_get(outputs(packed, b)) for b in packed_batches]
+  reference = [jax.device_get(outputs(plain, b)) for b in plain.eval_batches()]
+  for key in ("logits",) if variant == "ner" else ("start", "end"):
+    want = plain.gather(reference, key, n, per_token=True)
+    got = packed.gather(ours, key, n, per_token=True)
+    np.testing.assert_allclose(got[real_tokens], want[real_tokens], atol=1e-5, rtol=0)
+    assert np.abs(want[real_tokens]).max() > 0.5
+  want, got = plain.summarize(reference), packed.summarize(ours)
+  if variant == "squad":  # HF's loss normalises over the padding too; a packed window cannot
+    want.pop("loss"), got.pop("loss")
+  assert got == pytest.approx(want, abs=1e-6)
+
+  # predict packs too and maps each input back
+  records = ([{"text": "the John Smith in Paris today"}, {"text": "Paris"}] * 3
+             if variant == "ner" else
+             [{"id": str(i), "question": "where was the meeting held ?",
+               "context": f"{'of the ' * i}the meeting was held in Oslo ."} for i in range(6)])
+  examples = packed.prediction_inputs(records)
+
+  def predict(task):
+    f = task.prediction_features(examples)
+    return task.predictions(examples, f, [jax.device_get(outputs(task, b))
+                                          for b in task.prediction_batches(f)])
+
+  got, want = predict(packed), predict(plain)
+  if variant == "squad":
+    for a, b in zip(got, want):
+      assert a["score"] == pytest.approx(b.pop("score"), abs=1e-4)
+      a.pop("score")
+  assert got == want
+
+  # Training rows: each slot's segment holds its example's own tokens and labels.
+  batch = next(packed.train_iterator(0))
+  train_features = packed.features("train")
+  token_keys = ("inputs", "labels", "label_mask") if variant == "ner" else ("inputs",)
+  slot_keys = () if variant == "ner" else ("start_positions", "end_positions")
+  checked = 0
+  for row, slot in zip(*np.nonzero(batch["example_mask"] > 0)):
+    e = batch["example_index"][row, slot]
+    segment = batch["segment_ids"][row] == slot + 1
+    length = int(segment.sum())
+    assert length == int((train_features["segment_ids"][e] > 0).sum())
+    np.testing.assert_array_equal(batch["positions"][row][segment], np.arange(length))
+    for key in token_keys:
+      np.testing.assert_array_equal(batch[key][row][segment], train_features[key][e, :length])
+    for key in slot_keys:
+      assert batch[key][row, slot] == train_features[key][e]
+    checked += 1
+  assert checked > len(batch["inputs"])  # several examples a row
+
+
 def test_packing_refuses_what_it_does_not_support(tmp_path, tiny_bert):
   config = _config(tmp_path, tiny_bert, **{"data.packing": True})
-  ner = set_fields(finetune.get_config("ner"), {"init_from": tiny_bert, "data.packing": True})
-  with pytest.raises(ValueError, match=r"config\.data\.packing=True is not supported by the "
-                                       r"token_classification task yet"):
-    tasks.make_task(loader.resolve(ner), labels=["O", "B-x"])
   prompt = loader.resolve(set_fields(config, {"peft.method": "prompt"}))
   with pytest.raises(ValueError, match=r"config\.data\.packing=True with config\.peft\.method="
                                        r"'prompt': the virtual tokens would belong to the first "

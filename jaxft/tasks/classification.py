@@ -57,7 +57,7 @@ class SequenceClassification(LabeledTask):
   default_metric = ("accuracy", "max")
   batch_keys = ("labels",)
   prediction_fields = ("text",)
-  packable = True
+  pools_per_slot = True  # packed rows: [CLS] / the last token of each segment
 
   def head_weights_per_token(self, seq_len: int) -> float:
     # Once per example (every slot of a packed row): BERT's pooler d·d, the classifier d·n.
@@ -105,9 +105,7 @@ class SequenceClassification(LabeledTask):
     mask = batch["example_mask"]
     out = {"logits": logits.astype(jnp.float32), "weight": jnp.sum(mask),
            "loss_sum": jnp.sum(cross_entropy(logits, batch["labels"]) * mask)}
-    if self.packing:  # which example each slot holds (gather puts them back in order)
-      out.update(example_index=batch["example_index"], example_mask=mask)
-    return out
+    return {**out, **self.packed_outputs(batch)}
 
   def _predictions(self, outputs, split):
     y_true = self.features(split)["labels"]

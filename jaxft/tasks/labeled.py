@@ -7,9 +7,10 @@ with the Rust tokenizer takes well under a second); grain shuffles its rows ever
 iterator state is checkpointed with the model, as for pretraining. Evaluation batches keep the
 split's order and pad the last batch with rows whose example_mask is 0.
 
-With config.data.packing (tasks whose `packable` is set) several examples share a row
-(jaxft/data/packing.py): training packs each epoch's shuffled examples, evaluation and predict
-pack the split in order, and outputs carry example_index to map each slot back to its example.
+With config.data.packing several examples share a row (jaxft/data/packing.py): training packs
+each epoch's shuffled examples, evaluation and predict pack the split in order, and outputs
+carry example_index (and, for per-token outputs, segment_ids) to map each slot, or each
+segment's tokens, back to its example.
 """
 
 import abc
@@ -50,7 +51,11 @@ class LabeledTask(Task, abc.ABC):
   # Keys of a featurised split that go to the device; the rest stay on the host for scoring.
   batch_keys: tuple[str, ...] = ()
   default_seq_len = 128
-  packable = False  # whether config.data.packing is supported (its model pools per segment)
+  # Of batch_keys, those with one value per token (packed along the row with the tokens); the
+  # rest have one value per example and go into the row's slots.
+  token_batch_keys: tuple[str, ...] = ()
+  pools_per_slot = False  # the model pools each packed segment (it takes `slots`)
+  per_token_outputs: tuple[str, ...] = ()  # eval_outputs with one value per token
 
   def __init__(self, config: ml_collections.ConfigDict, labels: list[str] | None = None):
     self.config = config
@@ -67,9 +72,6 @@ class LabeledTask(Task, abc.ABC):
       self._check_packing()
 
   def _check_packing(self):
-    if not self.packable:
-      raise ValueError(f"config.data.packing=True is not supported by the {self.name} task yet "
-                       "(classification only): set config.data.packing=False")
     # Prefix tuning's keys are seen by every query, so it packs; prompt tuning's virtual
     # tokens join the row's first segment, which only the first example would see.
     if self.config.get("peft", {}).get("method", "none") == "prompt":
@@ -153,15 +155,22 @@ class LabeledTask(Task, abc.ABC):
     keys = ("inputs", "segment_ids", "token_types", "positions", "example_mask", *self.batch_keys)
     return {k: f[k] for k in keys}
 
-  _TOKEN_KEYS = ("inputs", "token_types")  # packed along the row; batch_keys go into slots
+  @property
+  def _token_keys(self) -> tuple[str, ...]:
+    """Features packed along the row (the rest of batch_keys go into slots)."""
+    return ("inputs", "token_types", *self.token_batch_keys)
+
+  @property
+  def _example_keys(self) -> tuple[str, ...]:
+    return tuple(k for k in self.batch_keys if k not in self.token_batch_keys)
 
   def rows(self, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A featurised split as the rows the model sees, in order: one example per row, or packed
     (bins of eval_batch_size rows filled at once)."""
     if not self.packing:
       return self.device_arrays(f)
-    return packing.pack_in_order(f, self.max_len, self.slots, self._TOKEN_KEYS,
-                                 self.batch_keys, bins=self._eval_batch_size())
+    return packing.pack_in_order(f, self.max_len, self.slots, self._token_keys,
+                                 self._example_keys, bins=self._eval_batch_size())
 
   def hf_inputs(self, batch: dict) -> dict:
     if self.packing:  # a transformers model would read a packed row as one text
@@ -179,10 +188,11 @@ class LabeledTask(Task, abc.ABC):
   def _packed_train_rows(self) -> int:
     """Rows of the first epoch as training packs it (its shuffle, batch_size bins at once)."""
     seed = int(self.config.data.get("shuffle_seed", 0))
-    examples = packing.ExampleRows(self.features("train"), self._TOKEN_KEYS, self.batch_keys)
+    examples = packing.ExampleRows(self.features("train"), self._token_keys, self._example_keys)
     ds = grain.MapDataset.source(examples).shuffle(seed=seed).to_iter_dataset()
-    return sum(1 for _ in packing.pack(ds, self.max_len, self.slots, self._TOKEN_KEYS,
-                                       self.batch_keys, bins=self.config.batch_size, seed=seed))
+    return sum(1 for _ in packing.pack(ds, self.max_len, self.slots, self._token_keys,
+                                       self._example_keys, bins=self.config.batch_size,
+                                       seed=seed))
 
   def report_split(self) -> str:
     return "test"
@@ -195,9 +205,10 @@ class LabeledTask(Task, abc.ABC):
       ds = (grain.MapDataset.source(ArrayRows(self.device_arrays(self.features("train"))))
             .shuffle(seed=seed).repeat(None).batch(size, drop_remainder=True).to_iter_dataset())
     else:  # a batch's worth of rows filled at once, from the epoch's shuffled examples
-      examples = packing.ExampleRows(self.features("train"), self._TOKEN_KEYS, self.batch_keys)
+      examples = packing.ExampleRows(self.features("train"), self._token_keys,
+                                     self._example_keys)
       ds = grain.MapDataset.source(examples).shuffle(seed=seed).repeat(None).to_iter_dataset()
-      ds = packing.pack(ds, self.max_len, self.slots, self._TOKEN_KEYS, self.batch_keys,
+      ds = packing.pack(ds, self.max_len, self.slots, self._token_keys, self._example_keys,
                         bins=size, seed=seed).batch(size, drop_remainder=True)
     return iter(ds.map(functools.partial(_rows_of_process, keep=keep)))
 
@@ -228,27 +239,42 @@ class LabeledTask(Task, abc.ABC):
   # -- evaluation helpers ----------------------------------------------------------------------
 
   def logits(self, variables, batch, rng=None, deterministic=True):
-    packed = {"slots": self.slots} if self.packing else {}
+    packed = {"slots": self.slots} if self.packing and self.pools_per_slot else {}
     return self.apply(variables, batch["inputs"], batch["segment_ids"], batch["token_types"],
                       batch["positions"], rng=rng, deterministic=deterministic, **packed)
 
   def finish(self, workdir, variables, val, eval_batches) -> None:
     print(f"validation (best checkpoint): {', '.join(f'{k} {v:.4f}' for k, v in val.items())}")
 
-  @staticmethod
-  def gather(outputs, key: str, n: int) -> np.ndarray:
+  def packed_outputs(self, batch) -> dict:
+    """What eval_outputs adds for packed rows so `gather` can put each example back: which
+    example each slot holds, and the tokens' segment ids (for per-token outputs)."""
+    if not self.packing:
+      return {}
+    return {"example_index": batch["example_index"], "example_mask": batch["example_mask"],
+            "segment_ids": batch["segment_ids"]}
+
+  def gather(self, outputs, key: str, n: int, per_token: bool | None = None) -> np.ndarray:
     """Output `key` of the split's n examples, in order: the first n rows over all batches,
-    or, packed (outputs carry example_index), each real slot put back at its example."""
+    or, packed, each real slot's value (per-example outputs, [R, slots, ...]) or its segment's
+    tokens (per-token outputs, [R, seq_len, ...], put at the example's unpacked positions 0..)
+    put back at its example. `per_token` defaults to whether `key` is in per_token_outputs."""
     values = np.concatenate([o[key] for o in outputs])
-    if "example_index" not in outputs[0]:
+    if not self.packing:
       return values[:n]
-    index = np.concatenate([o["example_index"] for o in outputs]).ravel()
-    real = np.concatenate([o["example_mask"] for o in outputs]).ravel() > 0
-    values = values.reshape(len(index), *values.shape[2:])
+    index = np.concatenate([o["example_index"] for o in outputs])
+    real = np.concatenate([o["example_mask"] for o in outputs]) > 0
     if not np.array_equal(np.bincount(index[real], minlength=n), np.ones(n, int)):
       raise RuntimeError(f"packed outputs do not hold each of the {n} examples exactly once")
+    if not (key in self.per_token_outputs if per_token is None else per_token):
+      out = np.zeros((n, *values.shape[2:]), values.dtype)
+      out[index[real]] = values[real]
+      return out
+    segments = np.concatenate([o["segment_ids"] for o in outputs])
     out = np.zeros((n, *values.shape[1:]), values.dtype)
-    out[index[real]] = values[real]
+    for row, slot in zip(*np.nonzero(real)):
+      tokens = values[row][segments[row] == slot + 1]  # contiguous, in order
+      out[index[row, slot], :len(tokens)] = tokens
     return out
 
   @staticmethod

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.data import qa_features
+from jaxft.models import heads
 from jaxft.tasks import metrics
 from jaxft.tasks.classification import cross_entropy
 from jaxft.tasks.labeled import LabeledTask
@@ -21,7 +22,8 @@ class QuestionAnswering(LabeledTask):
   trainable_head = r"^qa_outputs/"
   kind = "qa"
   default_metric = ("f1", "max")
-  batch_keys = ("start_positions", "end_positions")
+  batch_keys = ("start_positions", "end_positions")  # per window: into a packed row's slots
+  per_token_outputs = ("start", "end")
   prediction_fields = ("question", "context")
   default_seq_len = 384
   # configs/finetune.py's values (for a Hugging Face directory opened without a config).
@@ -55,30 +57,49 @@ class QuestionAnswering(LabeledTask):
 
   def _answers(self, examples, features, outputs) -> dict[str, dict]:
     n = len(features["inputs"])
+    # Padding positions never compete for the n-best (HF's postprocess lets their logits in):
+    # answers depend on a window's real tokens only, so packed and padded rows agree.
+    padding = features["segment_ids"] == 0
+    start, end = (np.where(padding, -np.inf, self.gather(outputs, key, n))
+                  for key in ("start", "end"))
     return qa_features.postprocess_qa(
-        examples, features, self.gather(outputs, "start", n), self.gather(outputs, "end", n),
+        examples, features, start, end,
         max_answer_len=int(self.config.data.max_answer_len),
         version_2=bool(self.config.data.version_2_with_negative))
 
-  def _loss_sum(self, start, end, batch):
-    # HF's BertForQuestionAnswering: the mean of the start and end cross-entropies.
-    per_row = 0.5 * (cross_entropy(start, batch["start_positions"])
-                     + cross_entropy(end, batch["end_positions"]))
-    return jnp.sum(per_row * batch["example_mask"])
+  def _per_window(self, start, end, batch):
+    """(start logits, end logits, start targets, end targets) of each window: [B, T] logits
+    and [B] targets, or, packed, [B, slots, T] logits masked to each slot's segment and the
+    targets moved by the segment's first position in the row."""
+    if not self.packing:
+      return start, end, batch["start_positions"], batch["end_positions"]
+    seg = batch["segment_ids"]
+    in_segment = seg[:, None, :] == jnp.arange(1, self.slots + 1)[None, :, None]  # [B, K, T]
+    first = heads.segment_token_index(seg, self.slots, last=False)  # [B, K]
+    masked = lambda x: jnp.where(in_segment, x[:, None, :], -1e9)  # noqa: E731
+    return (masked(start), masked(end), first + batch["start_positions"],
+            first + batch["end_positions"])
+
+  def _loss_terms(self, start, end, batch):
+    """(loss sum, correct sum): HF's BertForQuestionAnswering loss, the mean of the start and
+    end cross-entropies of each window; correct = both ends right."""
+    start, end, start_at, end_at = self._per_window(start, end, batch)
+    mask = batch["example_mask"]
+    per_window = 0.5 * (cross_entropy(start, start_at) + cross_entropy(end, end_at))
+    correct = ((jnp.argmax(start, -1) == start_at)
+               & (jnp.argmax(end, -1) == end_at)).astype(jnp.float32)
+    return jnp.sum(per_window * mask), jnp.sum(correct * mask)
 
   def loss(self, variables, batch, rng, deterministic: bool = False):
     start, end = self.logits(variables, batch, rng, deterministic)
-    mask = batch["example_mask"]
-    correct = ((jnp.argmax(start, -1) == batch["start_positions"])
-               & (jnp.argmax(end, -1) == batch["end_positions"])).astype(jnp.float32)
-    return self._loss_sum(start, end, batch), {
-        "weight": jnp.sum(mask), "tokens": jnp.sum(batch["segment_ids"] > 0),
-        "correct": jnp.sum(correct * mask)}
+    loss_sum, correct = self._loss_terms(start, end, batch)
+    return loss_sum, {"weight": jnp.sum(batch["example_mask"]),
+                      "tokens": jnp.sum(batch["segment_ids"] > 0), "correct": correct}
 
   def eval_outputs(self, variables, batch):
     start, end = self.logits(variables, batch)
-    return {"start": start, "end": end, "loss_sum": self._loss_sum(start, end, batch),
-            "weight": jnp.sum(batch["example_mask"])}
+    return {"start": start, "end": end, "loss_sum": self._loss_terms(start, end, batch)[0],
+            "weight": jnp.sum(batch["example_mask"]), **self.packed_outputs(batch)}
 
   def _scores(self, outputs, split):
     examples = list(self.splits[split])

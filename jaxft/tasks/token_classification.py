@@ -51,6 +51,8 @@ class TokenClassification(LabeledTask):
   has_labels = True
   default_metric = ("f1", "max")
   batch_keys = ("labels", "label_mask")
+  token_batch_keys = batch_keys  # packed rows carry them along the tokens
+  per_token_outputs = ("predictions",)
   prediction_fields = ("text",)
 
   def head_weights_per_token(self, seq_len: int) -> float:
@@ -97,7 +99,8 @@ class TokenClassification(LabeledTask):
     return rows
 
   def _loss_terms(self, logits, batch):
-    mask = batch["label_mask"] * batch["example_mask"][:, None]
+    # Padding rows and padding tokens (packed or not) have label_mask 0.
+    mask = batch["label_mask"]
     loss_sum = jnp.sum(cross_entropy(logits, batch["labels"]) * mask)
     return loss_sum, mask
 
@@ -112,7 +115,7 @@ class TokenClassification(LabeledTask):
     logits = self.logits(variables, batch)
     loss_sum, mask = self._loss_terms(logits, batch)
     return {"predictions": jnp.argmax(logits, -1).astype(jnp.int32), "loss_sum": loss_sum,
-            "weight": jnp.sum(mask)}
+            "weight": jnp.sum(mask), **self.packed_outputs(batch)}
 
   def _tags(self, outputs, split):
     examples = self.splits[split]
