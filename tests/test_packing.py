@@ -58,7 +58,7 @@ def tiny_gpt2(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_packed_rows_give_each_example_its_unpacked_outputs(tmp_path, tiny_bert, tiny_gpt2,
-                                                            family):
+                                                            family, caplog):
   base = loader.resolve(_config(tmp_path, tiny_bert if family == "bert" else tiny_gpt2))
   plain = tasks.make_task(base)
   packed = tasks.make_task(set_fields(base.copy_and_resolve_references(),
@@ -96,6 +96,12 @@ def test_packed_rows_give_each_example_its_unpacked_outputs(tmp_path, tiny_bert,
   assert [p["label"] for p in got] == [p["label"] for p in want]
   for a, b in zip(got, want):
     assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+
+  # Rows mostly padding: training unpacked says so and names the switch (packed: silent).
+  with caplog.at_level(logging.WARNING, logger="jaxft"):
+    plain.train_iterator(0), packed.train_iterator(0)
+  assert caplog.text.count("of the training rows' tokens are padding (config.seq_len=64): "
+                           "--config.data.packing=true packs") == 1
 
 
 def test_a_packed_run_learns_and_resumes_bit_exactly(tmp_path, tiny_bert, caplog):

@@ -15,6 +15,7 @@ segment's tokens, back to its example.
 
 import abc
 import functools
+import logging
 
 import grain
 import ml_collections
@@ -23,6 +24,8 @@ import numpy as np
 from jaxft.data import labeled, packing, pipeline
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.tasks.base import Task
+
+log = logging.getLogger("jaxft")
 
 
 class ArrayRows:
@@ -202,6 +205,11 @@ class LabeledTask(Task, abc.ABC):
     keep = pipeline.process_rows(self.config.batch_size, process_index, process_count)
     size = self.config.batch_size
     if not self.packing:
+      padding = float(np.mean(self.features("train")["segment_ids"] == 0))
+      if padding > 0.5 and process_index == 0:
+        log.warning("%.0f%% of the training rows' tokens are padding (config.seq_len=%d): "
+                    "--config.data.packing=true packs several examples a row, so steps pay "
+                    "for real tokens only (docs/fine-tuning.md)", 100 * padding, self.max_len)
       ds = (grain.MapDataset.source(ArrayRows(self.device_arrays(self.features("train"))))
             .shuffle(seed=seed).repeat(None).batch(size, drop_remainder=True).to_iter_dataset())
     else:  # a batch's worth of rows filled at once, from the epoch's shuffled examples
