@@ -39,7 +39,7 @@ def _scan(hidden, embedding, targets, mask, chunk: int, with_grads: bool):
   vocab = w.shape[0]
 
   def body(carry, xs):
-    loss, correct, d_w = carry
+    loss, correct, d_wt = carry
     h, t, m = xs  # [B, c, D], [B, c], [B, c]
     logits = jnp.einsum("bcd,vd->bcv", h, w, preferred_element_type=jnp.float32)
     # One exp pass serves both the log-sum-exp and the softmax of the gradient: on CPU the
@@ -51,20 +51,23 @@ def _scan(hidden, embedding, targets, mask, chunk: int, with_grads: bool):
     loss += jnp.sum((top + jnp.log(total) - target_logit) * m)
     correct += jnp.sum((target_logit >= top) * m)  # the target is (one of) the argmax
     if not with_grads:
-      return (loss, correct, d_w), None
+      return (loss, correct, d_wt), None
     # d loss / d logits = (softmax - onehot(target)) * mask, as one fused elementwise pass.
     probs = exp * (1.0 / total)[..., None]
     is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
     d_logits = (jnp.where(is_target, probs - 1.0, probs) * m[..., None]).astype(dtype)
     d_h = jnp.einsum("bcv,vd->bcd", d_logits, w, preferred_element_type=jnp.float32)
-    d_w += jnp.einsum("bcv,bcd->vd", d_logits, h, preferred_element_type=jnp.float32)
-    return (loss, correct, d_w), d_h.astype(dtype)
+    # The embedding's gradient is accumulated transposed, [D, V]: d_logits is then the
+    # matmul's right operand in its own layout; as [V, D] = d_logitsᵀ @ h, XLA on CPU
+    # recomputed d_logits transposed in every chunk (a second pass over [B, c, V]).
+    d_wt += jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32)
+    return (loss, correct, d_wt), d_h.astype(dtype)
 
   zero = jnp.zeros((), jnp.float32)
-  d_w0 = jnp.zeros((vocab, w.shape[1]), jnp.float32) if with_grads else zero
+  d_wt0 = jnp.zeros((w.shape[1], vocab), jnp.float32) if with_grads else zero
   xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(mask.astype(jnp.float32), chunk))
-  (loss, correct, d_w), d_h = jax.lax.scan(body, (zero, zero, d_w0), xs)
-  return loss, correct, d_w, (None if d_h is None else _unchunk(d_h))
+  (loss, correct, d_wt), d_h = jax.lax.scan(body, (zero, zero, d_wt0), xs)
+  return loss, correct, d_wt.T if with_grads else d_wt, (None if d_h is None else _unchunk(d_h))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
