@@ -11,7 +11,7 @@ from jax.extend import core as jex_core
 
 from configs import bert_mlm
 from configs import finetune as finetune_configs
-from jaxft import tasks
+from jaxft import tasks, trees
 from jaxft.run import flops as run_flops
 from tests.helpers import TINY_BERT, tiny_config
 
@@ -112,3 +112,30 @@ def test_throughput_figures_per_device():
   assert out == {"tokens_per_s": 8000.0, "tokens_per_s_per_device": 2000.0,
                  "model_tflops_per_s_per_device": 2.0, "mfu": 2.0}
   assert "mfu" not in run_flops.throughput(8000.0, 1e9, float("nan"), devices=4)
+
+
+@pytest.mark.parametrize("case", ["gpt2 causal_lm (fused LM loss)", "bert classification"])
+def test_a_frozen_base_and_head_count_no_weight_gradients(tiny_bert, case):
+  """LoRA: gradients are taken for the adapters and the task's classifier only, so the frozen
+  matmuls (the base, a tied LM head, BERT's pooler) count 4·N. The traced step differs from
+  the count by the rank-r adapter matmuls and the first layer's input gradient, which nothing
+  needs; counting 6·N for the frozen weights would be far off."""
+  config, labels = _cases(tiny_bert)[case]
+  config.lm_loss_chunk = 0  # autodiff decides which gradients are taken
+  full = tasks.make_task(config, labels=labels)
+  config.peft.method = "lora"
+  task = tasks.make_task(config, labels=labels)
+  variables = jax.eval_shape(lambda: task.init(jax.random.key(0), T))
+  variables = nn.unbox(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), variables))
+  trainable, frozen = trees.split(variables, task.peft.trainable_mask(variables,
+                                                                      task.trainable_head))
+  batch = _batch(task)
+
+  def loss(params):
+    return task.loss(trees.combine(frozen, params), batch, jax.random.key(0), False)[0]
+
+  traced = _dot_flops(jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr) / (B * T)
+  backbone = task.model_cfg.flops_backbone
+  skipped = 6.0 * backbone.layers * T * backbone.attention_width if backbone.causal else 0.0
+  assert task.flops_per_token(T) + skipped == pytest.approx(traced, rel=0.08)
+  assert full.flops_per_token(T) + skipped > 1.3 * traced

@@ -35,6 +35,14 @@ def test_values_and_gradients_match_full_logits(chunk):
   g_plain = jax.grad(lambda h, w: 0.37 * plain(h, w)[0], (0, 1))(hidden, embedding)
   for a, b in zip(g_fused, g_plain):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  # A frozen embedding (PEFT): the same loss and hidden-state gradient, no embedding gradient.
+  frozen = lambda h, w: lm_head_cross_entropy(  # noqa: E731
+      h, w, targets, mask, chunk=chunk, embedding_grad=False)
+  np.testing.assert_allclose(jax.jit(frozen)(hidden, embedding)[0], plain(hidden, embedding)[0],
+                             rtol=1e-6)
+  d_h, d_w = jax.jit(jax.grad(lambda h, w: 0.37 * frozen(h, w)[0], (0, 1)))(hidden, embedding)
+  np.testing.assert_allclose(d_h, g_plain[0], atol=1e-6, rtol=1e-5)
+  assert not np.any(d_w)
 
 
 def test_task_loss_and_grads_equal_with_and_without_fusion():

@@ -37,13 +37,15 @@ def _batch_sharding():
 
 def test_batches_arrive_sharded_and_a_checkpoint_holds_the_consumed_position():
   batch_sharding = _batch_sharding()
-  it = prefetch.DeviceBatches(_Rows(), batch_sharding)
+  rows = _Rows()
+  it = prefetch.DeviceBatches(rows, batch_sharding)
   for i in range(3):
     batch = next(it)
     assert isinstance(batch["inputs"], jax.Array)
     assert batch["inputs"].sharding.is_equivalent_to(batch_sharding, 2)
     np.testing.assert_array_equal(np.asarray(batch["inputs"]), np.full((8, 4), i))
-  time.sleep(0.2)  # the thread has prepared batches 3 and 4 by now
+  time.sleep(0.2)
+  assert rows.i >= 5  # the thread has prepared batches 3 and 4 ahead
   state = it.get_state()
   assert state == {"i": 3}
   it.close()

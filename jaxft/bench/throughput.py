@@ -84,23 +84,26 @@ class JaxftRunner:
     jax.block_until_ready(m["loss"])
     return (time.perf_counter() - t) / n
 
-  def start_input(self) -> None:
-    """The task's own training pipeline, prepared ahead as jaxft.train prepares it
-    (run/prefetch.py); its first batch (pipeline start-up) is consumed untimed."""
-    self.input = prefetch.DeviceBatches(
-        self.task.train_iterator(self.config.data.shuffle_seed), self.batch_sharding)
-    self.state, m = self.compiled(self.state, self.frozen, next(self.input))
-    jax.block_until_ready(m["loss"])
-
   def run_input(self, n: int) -> tuple[float, float]:
     """(seconds per step, fraction of the time spent waiting for input) over n steps fed by
-    the training pipeline."""
-    t, waited = time.perf_counter(), self.input.wait_s
-    for _ in range(n):
-      self.state, m = self.compiled(self.state, self.frozen, next(self.input))
-    jax.block_until_ready(m["loss"])
-    wall = time.perf_counter() - t
-    return wall / n, (self.input.wait_s - waited) / wall
+    the task's own training pipeline, prepared ahead as jaxft.train prepares it
+    (run/prefetch.py). A new pipeline each round, closed after it (its thread must not compete
+    with the other rounds); its first DEPTH + 1 steps run untimed, so no batch prepared before
+    the timed steps began is counted."""
+    batches = prefetch.DeviceBatches(
+        self.task.train_iterator(self.config.data.shuffle_seed), self.batch_sharding)
+    try:
+      for _ in range(prefetch.DEPTH + 1):
+        self.state, m = self.compiled(self.state, self.frozen, next(batches))
+      jax.block_until_ready(m["loss"])
+      t, waited = time.perf_counter(), batches.wait_s
+      for _ in range(n):
+        self.state, m = self.compiled(self.state, self.frozen, next(batches))
+      jax.block_until_ready(m["loss"])
+      wall = time.perf_counter() - t
+      return wall / n, (batches.wait_s - waited) / wall
+    finally:
+      batches.close()
 
   def memory(self) -> dict[str, int]:
     out = {}
@@ -171,8 +174,6 @@ def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str =
          if torch_mode != "none" else None)
   if peer is not None:
     peer.run(warmup)
-  if with_input:
-    runner.start_input()
   jax_times, torch_times, input_rounds = [], [], []
   for _ in range(rounds):
     jax_times.append(runner.run(steps))
@@ -220,7 +221,8 @@ def main(argv):
         f"{r['seq_len']} on {r['devices']} {r['device_kind']} device(s)")
   print(f"  compile {r['compile_s']:.2f}s (lowering {r['lower_s']:.2f}s)")
   print(f"  step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s, "
-        f"MFU {100 * r['mfu']:.1f}% (vs {r['mfu_vs']})")
+        + (f"MFU {100 * r['mfu']:.1f}% (vs {r['mfu_vs']})" if "mfu" in r
+           else f"MFU n/a ({r['mfu_vs']})"))
   print(f"  memory: {mem / 2**20:,.0f} MiB per device (compiled args+temps or device peak), "
         f"host peak RSS {r['host_peak_rss_bytes'] / 2**20:,.0f} MiB")
   if _INPUT.value:

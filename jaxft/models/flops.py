@@ -9,8 +9,10 @@
                 scores are never needed), the convention MaxText uses
     not counted embedding gathers, norms, softmax, activations, dropout, the optimizer
 
-With a frozen base (PEFT) the base's weight gradients are never taken: its matmuls count 4·N,
-the head's (trained) 6·N; adapter matmuls (rank r) are left out. T is the row length the step
+With PEFT the frozen weights' gradients are never taken: frozen matmuls (the base, and a head
+the method does not train, such as a tied LM head) count 4·N, trained ones (a task's own
+classifier) 6·N; adapter matmuls (rank r) and base weights `config.peft.trainable` unfreezes
+are left out of the split. T is the row length the step
 computes (packed or padded rows cost their full length), so padding is compute that yields no
 model FLOPs: tokens/s × FLOPs/token is useful work only.
 """
@@ -29,13 +31,14 @@ class Backbone:
   causal: bool
 
 
-def training_flops_per_token(backbone: Backbone, seq_len: int, head_weights_per_token: float,
-                             *, frozen_base: bool = False) -> float:
+def training_flops_per_token(backbone: Backbone, seq_len: int, trained_head: float,
+                             frozen_head: float = 0.0, *, frozen_base: bool = False) -> float:
   """FLOPs of one token of a training step (forward + backward), see the module doc.
 
-  `head_weights_per_token`: the head's matmul weights a token pays for (the LM head's d·V for
-  every token; a classifier's weights once per example over the row length)."""
+  `trained_head` / `frozen_head`: the head's matmul weights a token pays for (the LM head's
+  d·V for every token; a classifier's weights once per example over the row length), split
+  by whether their gradient is taken."""
   base = backbone.layers * backbone.layer_matmul_weights
-  matmuls = (4.0 if frozen_base else 6.0) * base + 6.0 * head_weights_per_token
+  matmuls = ((4.0 if frozen_base else 6.0) * base + 6.0 * trained_head + 4.0 * frozen_head)
   attention = 12.0 * backbone.layers * seq_len * backbone.attention_width
   return matmuls + (attention / 2 if backbone.causal else attention)

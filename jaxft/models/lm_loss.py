@@ -33,7 +33,7 @@ def _chunk_size(t: int, chunk: int) -> int:
   return chunk
 
 
-def _scan(hidden, embedding, targets, mask, chunk: int, with_grads: bool):
+def _scan(hidden, embedding, targets, mask, chunk: int, with_grads: bool, embedding_grad: bool):
   dtype = hidden.dtype
   w = embedding.astype(dtype)
   vocab = w.shape[0]
@@ -57,6 +57,8 @@ def _scan(hidden, embedding, targets, mask, chunk: int, with_grads: bool):
     is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
     d_logits = (jnp.where(is_target, probs - 1.0, probs) * m[..., None]).astype(dtype)
     d_h = jnp.einsum("bcv,vd->bcd", d_logits, w, preferred_element_type=jnp.float32)
+    if not embedding_grad:  # a frozen embedding (PEFT): a third of the head's FLOPs saved
+      return (loss, correct, d_wt), d_h.astype(dtype)
     # The embedding's gradient is accumulated transposed, [D, V]: d_logits is then the
     # matmul's right operand in its own layout; as [V, D] = d_logitsᵀ @ h, XLA on CPU
     # recomputed d_logits transposed in every chunk (a second pass over [B, c, V]).
@@ -64,25 +66,27 @@ def _scan(hidden, embedding, targets, mask, chunk: int, with_grads: bool):
     return (loss, correct, d_wt), d_h.astype(dtype)
 
   zero = jnp.zeros((), jnp.float32)
-  d_wt0 = jnp.zeros((w.shape[1], vocab), jnp.float32) if with_grads else zero
+  d_wt0 = (jnp.zeros((w.shape[1], vocab), jnp.float32) if with_grads and embedding_grad
+           else zero)
   xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(mask.astype(jnp.float32), chunk))
   (loss, correct, d_wt), d_h = jax.lax.scan(body, (zero, zero, d_wt0), xs)
-  return loss, correct, d_wt.T if with_grads else d_wt, (None if d_h is None else _unchunk(d_h))
+  d_w = d_wt.T if with_grads and embedding_grad else jnp.zeros_like(embedding, jnp.float32)
+  return loss, correct, d_w, (None if d_h is None else _unchunk(d_h))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _lm_loss(hidden, embedding, targets, mask, chunk):
-  loss, correct, _, _ = _scan(hidden, embedding, targets, mask, chunk, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lm_loss(hidden, embedding, targets, mask, chunk, embedding_grad):
+  loss, correct, _, _ = _scan(hidden, embedding, targets, mask, chunk, False, embedding_grad)
   return loss, correct
 
 
-def _lm_loss_fwd(hidden, embedding, targets, mask, chunk):
-  loss, correct, d_w, d_h = _scan(hidden, embedding, targets, mask, chunk, with_grads=True)
+def _lm_loss_fwd(hidden, embedding, targets, mask, chunk, embedding_grad):
+  loss, correct, d_w, d_h = _scan(hidden, embedding, targets, mask, chunk, True, embedding_grad)
   return (loss, correct), (d_h, d_w.astype(embedding.dtype), targets, mask)
 
 
-def _lm_loss_bwd(chunk, residuals, cotangents):
-  del chunk
+def _lm_loss_bwd(chunk, embedding_grad, residuals, cotangents):
+  del chunk, embedding_grad
   d_h, d_w, targets, mask = residuals
   g = cotangents[0]  # the correct-count output has no gradient
   return (d_h * g.astype(d_h.dtype), d_w * g.astype(d_w.dtype),
@@ -92,12 +96,15 @@ def _lm_loss_bwd(chunk, residuals, cotangents):
 _lm_loss.defvjp(_lm_loss_fwd, _lm_loss_bwd)
 
 
-def lm_head_cross_entropy(hidden, embedding, targets, mask, *, chunk: int = 128):
+def lm_head_cross_entropy(hidden, embedding, targets, mask, *, chunk: int = 128,
+                          embedding_grad: bool = True):
   """(sum over masked positions of -log softmax(hidden @ embedding.T)[target],
       count of masked positions whose argmax is the target).
 
   hidden [B, T, D] (compute dtype), embedding [V, D], targets [B, T] int, mask [B, T].
   `chunk` positions of the sequence are processed at a time (rounded down to divide T).
+  `embedding_grad=False` (a frozen embedding) skips the embedding's gradient, whose matmul the
+  custom gradient would otherwise compute in the forward pass: its gradient is then zero.
   """
   return _lm_loss(hidden, embedding, targets.astype(jnp.int32), mask.astype(jnp.float32),
-                  _chunk_size(hidden.shape[1], chunk))
+                  _chunk_size(hidden.shape[1], chunk), embedding_grad)

@@ -46,8 +46,6 @@ def cpu_matmul_ceiling(n: int = 2048, repeats: int = 4) -> float:
   return 2.0 * n**3 / best
 
 
-
-
 def throughput(tokens_per_s: float, flops_per_token: float, peak_per_device: float,
                devices: int) -> dict[str, float]:
   """tokens/s of the whole step -> the figures logs and bench JSON carry: per-device tokens/s,

@@ -7,6 +7,7 @@ Model calls go through `init` / `apply`, which carry the PEFT method of config.p
 """
 
 import abc
+import re
 
 import jax.numpy as jnp
 import ml_collections
@@ -69,17 +70,24 @@ class Task(abc.ABC):
     """Rows of one training epoch (None: a stream without epochs, e.g. packed LM text)."""
     return None
 
-  def head_weights_per_token(self, seq_len: int) -> float:
-    """The head's matmul weights one token of a [seq_len] row pays for (an LM head's d·V; a
-    per-example head's weights over the row length); see jaxft/models/flops.py."""
+  def head_weights_per_token(self, seq_len: int) -> dict[str, float]:
+    """{parameter path: matmul weights one token of a [seq_len] row pays for} of the head (an
+    LM head's d·V; a per-example head's weights over the row length): the paths say which
+    the PEFT method trains (`trainable_head`). See jaxft/models/flops.py."""
     del seq_len
-    return 0.0
+    return {}
 
   def flops_per_token(self, seq_len: int) -> float:
     """Model FLOPs of one trained token (MaxText's convention: jaxft/models/flops.py)."""
-    return flops.training_flops_per_token(
-        self.model_cfg.flops_backbone, seq_len, self.head_weights_per_token(seq_len),
-        frozen_base=self.peft.name != "none")
+    peft_on = self.peft.name != "none"
+    trained = frozen = 0.0
+    for path, weights in self.head_weights_per_token(seq_len).items():
+      if peft_on and not (self.trainable_head and re.search(self.trainable_head, path)):
+        frozen += weights
+      else:
+        trained += weights
+    return flops.training_flops_per_token(self.model_cfg.flops_backbone, seq_len, trained,
+                                          frozen, frozen_base=peft_on)
 
   def init(self, rng, seq_len: int):
     tokens = jnp.zeros((1, seq_len), jnp.int32)

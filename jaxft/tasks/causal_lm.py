@@ -1,5 +1,7 @@
 """Causal-LM pretraining: next-token prediction over packed rows of text (GPT-2)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,10 +28,16 @@ class CausalLM(Task):
 
   name = "causal_lm"
   generative = True
+  _EMBEDDING = "transformer/wte/embedding"  # the tied LM head's parameter path
 
   def __init__(self, config: ml_collections.ConfigDict, labels=None):
     super().__init__(config, labels)
     self.loss_chunk = config.get("lm_loss_chunk", 0)
+    # The fused loss takes the tied embedding's gradient only where it trains (not under PEFT,
+    # unless config.peft.trainable names it).
+    extra = self.peft.cfg.get("trainable", "") if self.peft.name != "none" else ""
+    self.embedding_trains = self.peft.name == "none" or bool(
+        extra and re.search(extra, self._EMBEDDING))
     if config.data.tokenizer:
       if load_tokenizer(config.data.tokenizer).eos_id is None:
         raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r} has no end-of-text "
@@ -39,8 +47,9 @@ class CausalLM(Task):
       raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.n_positions="
                        f"{self.model_cfg.n_positions}; lower seq_len or raise n_positions")
 
-  def head_weights_per_token(self, seq_len: int) -> float:
-    return self.model_cfg.n_embd * self.model_cfg.vocab_size  # the tied LM head, every token
+  def head_weights_per_token(self, seq_len: int) -> dict[str, float]:
+    # The LM head is the tied token embedding, applied at every token.
+    return {self._EMBEDDING: self.model_cfg.n_embd * self.model_cfg.vocab_size}
 
   def init(self, rng, seq_len: int):
     """Boxed (logically partitioned) variables for a [1, seq_len] dummy batch."""
@@ -59,7 +68,8 @@ class CausalLM(Task):
       hidden = self._forward(variables, batch, rng, deterministic, method="hidden")
       embedding = self.model.apply(variables, method="embedding")
       loss_sum, correct = lm_head_cross_entropy(hidden, embedding, batch["targets"], mask,
-                                                chunk=self.loss_chunk)
+                                                chunk=self.loss_chunk,
+                                                embedding_grad=self.embedding_trains)
       return loss_sum, {"weight": tokens, "tokens": tokens, "correct": correct}
     logits = self._forward(variables, batch, rng, deterministic)
     losses = token_cross_entropy(logits, batch["targets"])

@@ -59,12 +59,14 @@ class SequenceClassification(LabeledTask):
   prediction_fields = ("text",)
   pools_per_slot = True  # packed rows: [CLS] / the last token of each segment
 
-  def head_weights_per_token(self, seq_len: int) -> float:
+  def head_weights_per_token(self, seq_len: int) -> dict[str, float]:
     # Once per example (every slot of a packed row): BERT's pooler d·d, the classifier d·n.
     d = self.model_cfg.flops_backbone.width
-    pooler = d * d if self.config.model.get("family", "gpt2") == "bert" else 0
-    per_row = self.slots if self.packing else 1
-    return per_row * (pooler + d * len(self.labels)) / seq_len
+    share = (self.slots if self.packing else 1) / seq_len
+    if self.config.model.get("family", "gpt2") == "bert":
+      return {"bert/pooler/kernel": share * d * d,
+              "classifier/kernel": share * d * len(self.labels)}
+    return {"score/kernel": share * d * len(self.labels)}
 
   def label_values(self, example):
     return [example["label"]]

@@ -162,10 +162,10 @@ class MaskedLM(Task):
     self.mlm_probability = float(p)
     self.num_picks = num_predictions(self.mlm_probability, config.seq_len - 2)
 
-  def head_weights_per_token(self, seq_len: int) -> float:
+  def head_weights_per_token(self, seq_len: int) -> dict[str, float]:
     # The MLM transform (d·d) and the tied decoder (d·V) score only the picked positions.
-    d, v = self.model_cfg.hidden_size, self.model_cfg.vocab_size
-    return self.num_picks * (d * d + d * v) / seq_len
+    d, v, share = self.model_cfg.hidden_size, self.model_cfg.vocab_size, self.num_picks / seq_len
+    return {"mlm_transform/kernel": share * d * d, "bert/word/embedding": share * d * v}
 
   def init(self, rng, seq_len: int):
     """Boxed variables for a [1, seq_len] dummy batch (the head shares the word embedding, so

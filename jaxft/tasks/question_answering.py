@@ -30,8 +30,8 @@ class QuestionAnswering(LabeledTask):
   data_defaults = {"doc_stride": 128, "max_question_len": 64, "max_answer_len": 30,
                    "version_2_with_negative": False}
 
-  def head_weights_per_token(self, seq_len: int) -> float:
-    return 2 * self.model_cfg.flops_backbone.width  # start and end logits at every token
+  def head_weights_per_token(self, seq_len: int) -> dict[str, float]:
+    return {"qa_outputs/kernel": 2 * self.model_cfg.flops_backbone.width}  # start, end logits
 
   def featurize(self, examples, split: str, with_labels: bool = True):
     d = self.config.data

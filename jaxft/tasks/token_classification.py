@@ -55,8 +55,8 @@ class TokenClassification(LabeledTask):
   per_token_outputs = ("predictions",)
   prediction_fields = ("text",)
 
-  def head_weights_per_token(self, seq_len: int) -> float:
-    return self.model_cfg.flops_backbone.width * len(self.labels)  # every token is tagged
+  def head_weights_per_token(self, seq_len: int) -> dict[str, float]:
+    return {"classifier/kernel": self.model_cfg.flops_backbone.width * len(self.labels)}
 
   def label_values(self, example):
     return example["tags"]

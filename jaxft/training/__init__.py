@@ -45,14 +45,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _close(s, best_ckpt, writer, *, quiet: bool) -> None:
-  s.train_iter.close()  # the input thread stops preparing batches
   try:
     s.ckpt.close(quiet=quiet)
   finally:
     try:
       best_ckpt.close(quiet=quiet)
     finally:
-      writer.close()
+      try:
+        writer.close()
+      finally:
+        s.train_iter.close()  # the input thread stops preparing batches
 
 
 def _log_model(s, counts: dict) -> None:
