@@ -61,20 +61,32 @@ def _logged_losses(workdir):
           if "train/loss" in r]
 
 
-def _in_progress_save(workdir):
+def _saves_in_progress(workdir) -> set[tuple[str, int]]:
+  """(name, inode) of Orbax's temporary directories: the saves being written, or left behind
+  by a killed run (a new save of the same step reuses the name, not the inode)."""
   directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and any("tmp" in name for name in os.listdir(directory))
+  found = set()
+  for name in os.listdir(directory) if os.path.isdir(directory) else ():
+    if "tmp" in name:
+      try:
+        found.add((name, os.stat(os.path.join(directory, name)).st_ino))
+      except FileNotFoundError:  # finalised (renamed) meanwhile
+        pass
+  return found
 
 
 def _run_until(cmd, env, log_path, moment, workdir):
   """Starts a training run and SIGKILLs it at `moment`: ("step", n) once step n is logged,
   ("save",) while Orbax is writing a checkpoint in the background (its tmp directory exists),
   ("start", s) s seconds after start (during imports or compilation)."""
+  # A save the previous kill interrupted leaves its temporary directory behind: only a new
+  # one is this run's save in progress.
+  left_behind = _saves_in_progress(workdir)
   with open(log_path, "w") as out:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
   t0, deadline = time.time(), time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if moment[0] == "save" and _in_progress_save(workdir):
+    if moment[0] == "save" and _saves_in_progress(workdir) - left_behind:
       break
     if moment[0] == "start" and time.time() - t0 >= moment[1]:
       break
