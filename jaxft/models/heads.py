@@ -50,11 +50,16 @@ class BertForMaskedLM(nn.Module):
     return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
 
+def segment_masks(segment_ids, slots: int):
+  """[B, T] segment ids of packed rows -> [B, slots, T]: True where token t is in segment k+1."""
+  return segment_ids[:, None, :] == jnp.arange(1, slots + 1)[None, :, None]
+
+
 def segment_token_index(segment_ids, slots: int, last: bool):
   """[B, T] segment ids of packed rows -> [B, slots]: the index of segment k + 1's first (or
   last) token in its row; 0 for a slot with no segment."""
   t = segment_ids.shape[-1]
-  in_segment = segment_ids[:, None, :] == jnp.arange(1, slots + 1)[None, :, None]  # [B, K, T]
+  in_segment = segment_masks(segment_ids, slots)  # [B, K, T]
   idx = jnp.arange(t)[None, None, :]
   if last:
     return jnp.max(jnp.where(in_segment, idx, 0), axis=-1)

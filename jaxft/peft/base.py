@@ -88,17 +88,22 @@ class Method:
     if self.name == "none":
       return jax.tree.map(lambda _: True, dict(variables))
     extra = self.cfg.get("trainable", "")
-    patterns = [re.compile(p) for p in (head, extra) if p]
     params = [path_str(k[1:]) for k in flat(variables) if k[0] != COLLECTION]
     if extra and not any(re.search(extra, p) for p in params):
       raise ValueError(f"config.peft.trainable={extra!r} matches no parameter of the model; "
                        f"its parameter paths look like {', '.join(params[:6])}, ...")
 
     def trainable(path):
-      collection, rest = path[0], path_str(path[1:])
-      return collection == COLLECTION or any(p.search(rest) for p in patterns)
+      return path[0] == COLLECTION or self.trains(path_str(path[1:]), head)
 
     return traverse_util.unflatten_dict({k: trainable(k) for k in flat(variables)})
+
+  def trains(self, param_path: str, head: str = "") -> bool:
+    """Whether the model parameter at `param_path` ("transformer/wte/embedding") trains: every
+    one without PEFT; with it, the task head's (regex `head`) and config.peft.trainable's."""
+    if self.name == "none":
+      return True
+    return any(re.search(p, param_path) for p in (head, self.cfg.get("trainable", "")) if p)
 
   def check_layout(self, scan_layers: bool) -> None:
     """Under config.model.scan_layers every layer is one module with stacked params: a pattern

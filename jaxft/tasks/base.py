@@ -7,7 +7,6 @@ Model calls go through `init` / `apply`, which carry the PEFT method of config.p
 """
 
 import abc
-import re
 
 import jax.numpy as jnp
 import ml_collections
@@ -79,15 +78,14 @@ class Task(abc.ABC):
 
   def flops_per_token(self, seq_len: int) -> float:
     """Model FLOPs of one trained token (MaxText's convention: jaxft/models/flops.py)."""
-    peft_on = self.peft.name != "none"
     trained = frozen = 0.0
     for path, weights in self.head_weights_per_token(seq_len).items():
-      if peft_on and not (self.trainable_head and re.search(self.trainable_head, path)):
-        frozen += weights
-      else:
+      if self.peft.trains(path, self.trainable_head):
         trained += weights
+      else:
+        frozen += weights
     return flops.training_flops_per_token(self.model_cfg.flops_backbone, seq_len, trained,
-                                          frozen, frozen_base=peft_on)
+                                          frozen, frozen_base=self.peft.name != "none")
 
   def init(self, rng, seq_len: int):
     tokens = jnp.zeros((1, seq_len), jnp.int32)

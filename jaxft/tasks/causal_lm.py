@@ -1,7 +1,5 @@
 """Causal-LM pretraining: next-token prediction over packed rows of text (GPT-2)."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,9 +33,7 @@ class CausalLM(Task):
     self.loss_chunk = config.get("lm_loss_chunk", 0)
     # The fused loss takes the tied embedding's gradient only where it trains (not under PEFT,
     # unless config.peft.trainable names it).
-    extra = self.peft.cfg.get("trainable", "") if self.peft.name != "none" else ""
-    self.embedding_trains = self.peft.name == "none" or bool(
-        extra and re.search(extra, self._EMBEDDING))
+    self.embedding_trains = self.peft.trains(self._EMBEDDING, self.trainable_head)
     if config.data.tokenizer:
       if load_tokenizer(config.data.tokenizer).eos_id is None:
         raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r} has no end-of-text "

@@ -74,7 +74,7 @@ class QuestionAnswering(LabeledTask):
     if not self.packing:
       return start, end, batch["start_positions"], batch["end_positions"]
     seg = batch["segment_ids"]
-    in_segment = seg[:, None, :] == jnp.arange(1, self.slots + 1)[None, :, None]  # [B, K, T]
+    in_segment = heads.segment_masks(seg, self.slots)  # [B, K, T]
     first = heads.segment_token_index(seg, self.slots, last=False)  # [B, K]
     masked = lambda x: jnp.where(in_segment, x[:, None, :], -1e9)  # noqa: E731
     return (masked(start), masked(end), first + batch["start_positions"],
