@@ -8,6 +8,8 @@ with the architecture name of its head and, for classifiers, the label names (id
 import json
 import os
 
+from jaxft.hf.decoder_config import DEFAULTS as DECODER_DEFAULTS
+from jaxft.hf.decoder_config import decoder_overrides
 from jaxft.models.bert import BertConfig
 from jaxft.models.gpt2 import GPT2Config
 
@@ -94,9 +96,13 @@ def model_overrides(hf_config: dict) -> dict:
     return _gpt2_overrides(hf_config)
   if model_type == "bert":
     return _bert_overrides(hf_config)
+  if model_type in DECODER_DEFAULTS:
+    return decoder_overrides(hf_config)
   raise ValueError(f"unsupported architecture: config.json has model_type={model_type!r}; "
                    "jaxft can load model_type 'gpt2' (GPT2Model / GPT2LMHeadModel / "
-                   "GPT2ForSequenceClassification) and 'bert' (BertModel / BertFor*)")
+                   "GPT2ForSequenceClassification), 'bert' (BertModel / BertFor*) and the "
+                   f"decoders {', '.join(DECODER_DEFAULTS)} (*ForCausalLM, "
+                   "*ForSequenceClassification)")
 
 
 def label_names(hf_config: dict) -> list[str] | None:
@@ -110,7 +116,7 @@ def label_names(hf_config: dict) -> list[str] | None:
   return names
 
 
-def _labels_dict(labels: list[str] | None) -> dict:
+def labels_dict(labels: list[str] | None) -> dict:
   if not labels:
     return {}
   return {"id2label": {str(i): n for i, n in enumerate(labels)},
@@ -149,7 +155,7 @@ def gpt2_config_dict(cfg: GPT2Config, eos_id: int | None = None,
       # GPT2ForSequenceClassification scores the last token that is not pad_token_id.
       "pad_token_id": eos_id,
       "dtype": "float32",
-      **_labels_dict(labels),
+      **labels_dict(labels),
   }
 
 
@@ -176,5 +182,5 @@ def bert_config_dict(cfg: BertConfig, architecture: str = "BertModel",
       "pad_token_id": pad_id,
       "tie_word_embeddings": True,
       "dtype": "float32",
-      **_labels_dict(labels),
+      **labels_dict(labels),
   }

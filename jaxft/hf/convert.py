@@ -14,7 +14,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from jaxft import trees
-from jaxft.hf.config import CONFIG_FILE, bert_config_dict, gpt2_config_dict
+from jaxft.hf.config import CONFIG_FILE, bert_config_dict, gpt2_config_dict, labels_dict
+from jaxft.hf.decoder_config import check_exportable, decoder_config_dict
 from jaxft.hf.tables import (
   ARCHITECTURES,
   BACKBONES,
@@ -144,8 +145,11 @@ def _warn_unused(tensors, used, path, family, ignored=()):
                 family, ", ".join(extra[:8]))
 
 
-def _check_tied(tensors, arch: Arch, path: str) -> None:
+def _check_tied(tensors, arch: Arch, path: str, table: list[Row]) -> None:
+  own = {r.hf for r in table}  # an untied model holds the "copy" as a tensor of its own
   for copy, source in arch.tied:
+    if copy in own:
+      continue
     if copy in tensors and source in tensors and not np.array_equal(tensors[copy],
                                                                     tensors[source]):
       raise ValueError(f"{path} has a {copy} that differs from {source}; jaxft ties them (as "
@@ -172,14 +176,14 @@ def load_params(path: str, expected: Mapping, architecture: str,
   arch = ARCHITECTURES[architecture]
   family = BACKBONES[arch.family].display
   raw = _read_tensors(path) if tensors is None else tensors
-  _check_tied(raw, arch, path)
-  tensors = _backbone_names(raw, arch)
   want = trees.flat_paths(expected)
   stacked = _is_stacked(want, arch)
   if stacked:
     want = _unstack(want, arch, lambda s, i: jax.ShapeDtypeStruct(s.shape[1:], s.dtype))
   n_layer = _n_layer(want, arch)
-  table = arch.rows(n_layer, with_hf_prefix=False)
+  _check_tied(raw, arch, path, arch.rows(n_layer, with_hf_prefix=True, paths=want))
+  tensors = _backbone_names(raw, arch)
+  table = arch.rows(n_layer, with_hf_prefix=False, paths=want)
   leaves, newly = _fill(table, tensors, want, path, family, arch.optional(n_layer))
   if newly:
     if init_fn is None:
@@ -214,18 +218,43 @@ def to_hf_tensors(params: Mapping, architecture: str = "GPT2LMHeadModel") -> dic
   if _is_stacked(leaves, arch):
     leaves = _unstack(leaves, arch)
   n_layer = _n_layer(leaves, arch)
-  return {r.hf: r.to_hf([leaves[p] for p in r.jaxft])
-          for r in arch.rows(n_layer, with_hf_prefix=True)}
+  rows = arch.rows(n_layer, with_hf_prefix=True, paths=leaves)
+  unmapped = set(leaves) - {p for r in rows for p in r.jaxft}
+  if unmapped:  # would silently vanish from the export: a bug in the tables, not the user's
+    raise RuntimeError(f"no {architecture} tensor holds jaxft params {sorted(unmapped)[:8]}")
+  return {r.hf: r.to_hf([leaves[p] for p in r.jaxft]) for r in rows}
 
 
 def config_dict(cfg, tokenizer=None, architecture: str = "GPT2LMHeadModel",
                 labels: list[str] | None = None) -> dict:
   """The config.json of `architecture` for this model, with the special ids jaxft pads with
   (GPT-2: EOS, which GPT2ForSequenceClassification must skip; BERT: [PAD])."""
-  if ARCHITECTURES[architecture].family == "gpt2":
+  family = ARCHITECTURES[architecture].family
+  if family == "gpt2":
     return gpt2_config_dict(cfg, getattr(tokenizer, "eos_id", None), architecture, labels)
+  if family == "llama":
+    check_exportable(cfg)
+    return decoder_config_dict(cfg, architecture, labels_dict(labels), _special_ids(tokenizer))
   pad = tokenizer.special_id("pad_token") if tokenizer and "pad_token" in tokenizer.special else 0
   return bert_config_dict(cfg, architecture, labels, pad)
+
+
+def _special_ids(tokenizer) -> dict:
+  """bos / eos (every id generation stops at) / pad ids of the tokenizer, for config.json."""
+  if tokenizer is None:
+    return {}
+  out = {}
+  for role in ("bos", "pad"):
+    token = tokenizer.special.get(f"{role}_token") if tokenizer.special else None
+    if token is not None:
+      out[f"{role}_token_id"] = tokenizer.special_id(f"{role}_token")
+  eos = list(getattr(tokenizer, "eos_ids", ()) or ([tokenizer.eos_id] if tokenizer.eos_id
+                                                     is not None else []))
+  if eos:
+    out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+  if "pad_token_id" not in out and eos:  # *ForSequenceClassification skips pad_token_id
+    out["pad_token_id"] = eos[0]
+  return out
 
 
 def save_hf(out_dir: str, params: Mapping, cfg, tokenizer=None,

@@ -67,9 +67,9 @@ def _layer_norm(hf: str, jaxft: str) -> list[Row]:
   return [Row(f"{hf}.weight", (f"{jaxft}/scale",)), Row(f"{hf}.bias", (f"{jaxft}/bias",))]
 
 
-def _gpt2_backbone(n_layer: int, pooler: bool = False) -> list[Row]:
+def _gpt2_backbone(n_layer: int, pooler: bool = False, paths=frozenset()) -> list[Row]:
   """HF GPT2Model <-> jaxft GPT2Model (Conv1D weights are (in, out): no transposes)."""
-  del pooler  # GPT-2 has none
+  del pooler, paths  # GPT-2 has no pooler, and every layer has the same tensors
   rows = [Row("wte.weight", ("wte/embedding",)), Row("wpe.weight", ("wpe/embedding",))]
   for i in range(n_layer):
     h, j = f"h.{i}", f"h_{i}"
@@ -93,8 +93,9 @@ def _gpt2_backbone(n_layer: int, pooler: bool = False) -> list[Row]:
   return rows + _layer_norm("ln_f", "ln_f")
 
 
-def _bert_backbone(n_layer: int, pooler: bool = True) -> list[Row]:
+def _bert_backbone(n_layer: int, pooler: bool = True, paths=frozenset()) -> list[Row]:
   """HF BertModel <-> jaxft BertModel (nn.Linear weights are (out, in): transposed)."""
+  del paths
   rows = [Row("embeddings.word_embeddings.weight", ("word/embedding",)),
           Row("embeddings.position_embeddings.weight", ("position/embedding",)),
           Row("embeddings.token_type_embeddings.weight", ("token_type/embedding",)),
@@ -112,6 +113,36 @@ def _bert_backbone(n_layer: int, pooler: bool = True) -> list[Row]:
              *_layer_norm(f"{h}.output.LayerNorm", f"{j}/ln")]
   if pooler:
     rows += _linear("pooler.dense", "pooler")
+  return rows
+
+
+def _decoder_backbone(n_layer: int, pooler: bool = False, paths=frozenset()) -> list[Row]:
+  """HF LlamaModel (MistralModel, Qwen2Model, Qwen3Model, Gemma*Model) <-> jaxft LlamaModel.
+
+  Rows for every optional tensor (biases, q/k norms, Gemma's post norms); `Arch.rows` keeps
+  those the model has. HF's post_attention_layernorm is the norm before the MLP in Llama but
+  the one after attention in Gemma 2/3, which put pre_feedforward_layernorm before the MLP."""
+  del pooler
+  gemma_norms = "layers_0/ln_attn_out/scale" in paths or "layers/ln_attn_out/scale" in paths
+  rows = [Row("embed_tokens.weight", ("embed/embedding",)), Row("norm.weight", ("norm/scale",))]
+  for i in range(n_layer):
+    h, j = f"layers.{i}", f"layers_{i}"
+    for hf, name in (("q", "query"), ("k", "key"), ("v", "value")):  # [embed, heads, head_dim]
+      rows += _linear(f"{h}.self_attn.{hf}_proj", f"{j}/attn/{name}", ((0,), (1, 2)))
+    rows += [Row(f"{h}.self_attn.o_proj.weight", (f"{j}/attn/out/kernel",),
+                 merge=((0, 1), (2,)), transpose=True),  # [heads, head_dim, embed]
+             Row(f"{h}.self_attn.o_proj.bias", (f"{j}/attn/out/bias",)),
+             Row(f"{h}.self_attn.q_norm.weight", (f"{j}/attn/query_norm/scale",)),
+             Row(f"{h}.self_attn.k_norm.weight", (f"{j}/attn/key_norm/scale",)),
+             Row(f"{h}.input_layernorm.weight", (f"{j}/ln_attn/scale",))]
+    for name in ("gate", "up", "down"):
+      rows += _linear(f"{h}.mlp.{name}_proj", f"{j}/mlp/{name}")
+    if gemma_norms:
+      rows += [Row(f"{h}.post_attention_layernorm.weight", (f"{j}/ln_attn_out/scale",)),
+               Row(f"{h}.pre_feedforward_layernorm.weight", (f"{j}/ln_mlp/scale",)),
+               Row(f"{h}.post_feedforward_layernorm.weight", (f"{j}/ln_mlp_out/scale",))]
+    else:
+      rows.append(Row(f"{h}.post_attention_layernorm.weight", (f"{j}/ln_mlp/scale",)))
   return rows
 
 
@@ -133,12 +164,19 @@ class Arch:
   head: tuple[Row, ...] = ()
   tied: tuple[tuple[str, str], ...] = ()
 
-  def rows(self, n_layer: int, with_hf_prefix: bool) -> list[Row]:
-    backbone = BACKBONES[self.family].rows(n_layer, self.pooler)
-    hp = f"{self.hf_prefix}." if self.hf_prefix and with_hf_prefix else ""
+  def rows(self, n_layer: int, with_hf_prefix: bool, paths=None) -> list[Row]:
+    """The table for a model of `n_layer` layers; `paths` (the jaxft leaf paths of the model,
+    per layer) keeps the rows of the tensors it has where a family's tensors vary by
+    configuration (decoder biases, norms, an untied LM head)."""
     jp = f"{self.jaxft_prefix}/" if self.jaxft_prefix else ""
-    return [Row(hp + r.hf, tuple(jp + p for p in r.jaxft), r.merge, r.transpose)
+    local = frozenset(p.removeprefix(jp) for p in paths or ())
+    backbone = BACKBONES[self.family].rows(n_layer, self.pooler, local)
+    hp = f"{self.hf_prefix}." if self.hf_prefix and with_hf_prefix else ""
+    rows = [Row(hp + r.hf, tuple(jp + p for p in r.jaxft), r.merge, r.transpose)
             for r in backbone] + list(self.head)
+    if not BACKBONES[self.family].varies:
+      return rows
+    return [r for r in rows if set(r.jaxft) <= set(paths)]
 
   def optional(self, n_layer: int) -> set[str]:
     """jaxft paths a checkpoint of a sibling class may lack: the head and the pooler."""
@@ -157,12 +195,15 @@ class Backbone:
   hf_prefix: str  # its HF state-dict prefix in the task classes ("transformer.", "bert.")
   layers: str  # the jaxft layer stack: "h" -> h_0 .. h_{n-1}, or one scanned module "h"
   display: str  # the family's name in messages
+  varies: bool = False  # its tensors depend on the configuration (rows filtered by leaves)
 
 
 # config.model.family -> its backbone; a new family is a table function and a line here.
 BACKBONES = {
     "gpt2": Backbone(_gpt2_backbone, "transformer.", "h", "GPT-2"),
     "bert": Backbone(_bert_backbone, "bert.", "layer", "BERT"),
+    "llama": Backbone(_decoder_backbone, "model.", "layers", "decoder (Llama-style)",
+                      varies=True),
 }
 WORD_EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
 ARCHITECTURES = {
@@ -186,7 +227,17 @@ ARCHITECTURES = {
     "BertForQuestionAnswering": Arch("bert", "bert", "bert",
                                      head=tuple(_linear("qa_outputs", "qa_outputs"))),
 }
+# transformers' decoder classes (every model_type, jaxft/models/registry.py DECODER_CLASSES).
+_DECODER_PREFIXES = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Gemma3")
+for _p in _DECODER_PREFIXES:
+  ARCHITECTURES[f"{_p}ForCausalLM"] = Arch(
+      "llama", "model", "model", head=(Row("lm_head.weight", ("lm_head/embedding",)),),
+      tied=(("lm_head.weight", "model.embed_tokens.weight"),))
+  ARCHITECTURES[f"{_p}ForSequenceClassification"] = Arch(
+      "llama", "model", "model", head=(Row("score.weight", ("score/kernel",), transpose=True),))
+ARCHITECTURES["Gemma3TextForSequenceClassification"] = ARCHITECTURES[
+    "Gemma3ForSequenceClassification"]
 # Tensors some HF checkpoints carry that are buffers, not parameters.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
 
 

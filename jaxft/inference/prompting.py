@@ -97,7 +97,7 @@ class Options:
 
 
 def context_length(model, max_len: int | None) -> int:
-  n_positions = model.cfg.n_positions
+  n_positions = model.cfg.context_length
   if max_len is None:
     return n_positions
   if max_len > n_positions:

@@ -55,6 +55,7 @@ class Spec:
   dropout_field: str = "the attention dropout"  # its config field, named in errors
   scale: float | None = None  # on q.k; None = 1 / sqrt(head_dim)
   dtype: Any = jnp.float32  # dtype of the probabilities in the probs x values matmul (xla)
+  softcap: float = 0.0  # > 0: scores -> softcap * tanh(scores / softcap) (Gemma 2)
 
 
 def check_impl(impl: str) -> None:
@@ -68,19 +69,29 @@ def _refuse(impl: str, why: str, fix: str) -> ValueError:
                     "attention is computed: a checkpoint trained with one runs with another)")
 
 
-def segment_mask(segment_ids, *, causal: bool):
-  """segment_ids [B, T] -> mask [B, Tq, Tk]: same segment (and key <= query if causal).
+def segment_mask(segment_ids, *, causal: bool, window=None):
+  """segment_ids [B, T] -> mask [B, Tq, Tk]: same segment (and key <= query if causal; and
+  key > query - window with a sliding `window`, a Python or traced int).
 
   Bidirectionally padding keys are also hidden from padding queries (HF BERT's key mask);
   causally padding attends to padding, so that no row is empty."""
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
   if causal:
     t = segment_ids.shape[1]
-    return jnp.tril(jnp.ones((t, t), dtype=bool))[None] & same
+    return _causal(jnp.arange(t), jnp.arange(t), window)[None] & same
   return same & (segment_ids[:, None, :] > 0)
 
 
-def update_cache(module: nn.Module, k, v, segment_ids):
+def _causal(query_slot, key_slot, window):
+  """[Tq, Tk]: the keys each query sees (a segment's slots are consecutive, so slot distance is
+  position distance, in packed rows and in the left-padded cache alike)."""
+  seen = key_slot[None, :] <= query_slot[:, None]
+  if window is not None:  # transformers' sliding_window_overlay: q - k < window
+    seen &= key_slot[None, :] > query_slot[:, None] - window
+  return seen
+
+
+def update_cache(module: nn.Module, k, v, segment_ids, window=None):
   """Writes this call's keys/values [B, T, K, H] at the cache cursor of `module`'s "cache"
   collection; returns (all cached k, v [B, S, K, H], mask [B, T, S]).
 
@@ -103,16 +114,18 @@ def update_cache(module: nn.Module, k, v, segment_ids):
     index.value = i + t
     k, v, key_valid = cached_k.value, cached_v.value, valid.value
     query_slot, key_slot = i + jnp.arange(t), jnp.arange(cached_k.value.shape[1])
-  mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & key_valid[:, None, :]
+  mask = _causal(query_slot, key_slot, window)[None] & key_valid[:, None, :]
   return k, v, mask
 
 
 def attend(module: nn.Module, q, k, v, segment_ids, spec: Spec, *, deterministic: bool,
-           decode: bool = False):
+           decode: bool = False, window=None):
   """q [B, T, N, H], k/v [B, T, K, H], segment_ids [B, T] -> [B, T, N, H] in q's dtype.
 
   Call it from `module`'s compact __call__, between the q/k/v and output projections. With
-  decode=True (causal only) the keys/values go through `module`'s KV cache first."""
+  decode=True (causal only) the keys/values go through `module`'s KV cache first. `window`
+  (causal only; a Python int, or traced where scanned layers alternate sliding and global
+  attention): a query sees the `window` latest keys, itself included (Mistral, Gemma)."""
   check_impl(spec.impl)
   n, kh = q.shape[2], k.shape[2]
   if n % kh:
@@ -120,9 +133,9 @@ def attend(module: nn.Module, q, k, v, segment_ids, spec: Spec, *, deterministic
   if decode:
     if not spec.causal:
       raise ValueError("a KV cache (decode=True) needs causal attention")
-    k, v, mask = update_cache(module, k, v, segment_ids)
+    k, v, mask = update_cache(module, k, v, segment_ids, window)
   else:
-    mask = segment_mask(segment_ids, causal=spec.causal)  # [B, Tq, Tk]
+    mask = segment_mask(segment_ids, causal=spec.causal, window=window)  # [B, Tq, Tk]
   t_k = k.shape[1]
   k, v, mask = layers.ExtendKeys(name="extend_keys")(k, v, mask)
   prefixed = k.shape[1] != t_k
@@ -133,7 +146,11 @@ def attend(module: nn.Module, q, k, v, segment_ids, spec: Spec, *, deterministic
   # any host, e.g. the abstract init of a TPU or GPU run's state on its CPU.
   if spec.impl == "xla" or module.is_initializing():
     drop = lambda p: dropout(p, deterministic=deterministic)  # noqa: E731
-    return xla_attention(q, k, v, mask, scale=spec.scale, dropout=drop, dtype=spec.dtype)
+    return xla_attention(q, k, v, mask, scale=spec.scale, dropout=drop, dtype=spec.dtype,
+                         softcap=spec.softcap)
+  if spec.softcap:
+    raise _refuse(spec.impl, "has no attention-logit soft-capping (Gemma 2)",
+                  f"set {FIELD}='xla'")
   if spec.dropout_rate > 0 and not deterministic:
     raise _refuse(spec.impl, f"has no attention-probability dropout ({spec.dropout_field}="
                   f"{spec.dropout_rate} in training)",
@@ -145,6 +162,9 @@ def attend(module: nn.Module, q, k, v, segment_ids, spec: Spec, *, deterministic
   if decode:
     raise _refuse("splash", "cannot decode with a KV cache (generation)",
                   f"set {FIELD}='xla' (or 'cudnn' on a GPU) for generation")
+  if window is not None:
+    raise _refuse("splash", "has no sliding-window attention here (Mistral, Gemma)",
+                  f"set {FIELD}='xla'")
   if prefixed:
     raise _refuse("splash", "cannot attend to a PEFT prefix (config.peft.method='prefix')",
                   f"set {FIELD}='xla' or use another PEFT method")
@@ -153,7 +173,7 @@ def attend(module: nn.Module, q, k, v, segment_ids, spec: Spec, *, deterministic
 
 # -- xla ---------------------------------------------------------------------------------------
 
-def xla_attention(q, k, v, mask, *, scale=None, dropout=None, dtype=None):
+def xla_attention(q, k, v, mask, *, scale=None, dropout=None, dtype=None, softcap=0.0):
   """q [B, Tq, N, H], k/v [B, Tk, K, H], mask [B, Tq, Tk] -> [B, Tq, N, H].
 
   Scores and softmax in float32; `dropout` maps probabilities [B, N, Tq, Tk] to dropped ones;
@@ -170,6 +190,8 @@ def xla_attention(q, k, v, mask, *, scale=None, dropout=None, dtype=None):
     scores = scores.reshape(b, n, tq, tk)
   scores = scores.astype(jnp.float32)
   scores = scores / jnp.sqrt(h) if scale is None else scores * scale
+  if softcap:
+    scores = jnp.tanh(scores / softcap) * softcap
   scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   if dropout is not None:

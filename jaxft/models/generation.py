@@ -12,6 +12,7 @@ of a prompt changes what the model is conditioned on, so the user should choose.
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,13 +67,13 @@ def _empty_cache(model: nn.Module, batch: int, length: int):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_ids"))
 def _generate(model, variables, tokens, lengths, key, *, max_new_tokens: int, sampling: Sampling,
-              eos_id: int | None):
+              eos_ids: tuple[int, ...]):
   """tokens [B, P] left-padded, lengths [B] -> new tokens [B, max_new_tokens].
 
-  Columns after a row's EOS hold EOS (also where the loop stopped early because every row had
-  finished); the caller cuts each row at its first EOS.
+  Columns after a row's EOS hold the first EOS id (also where the loop stopped early because
+  every row had finished); the caller cuts each row at its first EOS (any of `eos_ids`).
   """
   b, p = tokens.shape
   n_pad = (p - lengths)[:, None]
@@ -81,7 +82,9 @@ def _generate(model, variables, tokens, lengths, key, *, max_new_tokens: int, sa
   positions = jnp.maximum(column - n_pad, 0)
   # The last sampled token is never fed back, hence max_new_tokens - 1 decode slots.
   cache = _empty_cache(model, b, p + max_new_tokens - 1)
-  fill = 0 if eos_id is None else eos_id
+  fill = eos_ids[0] if eos_ids else 0
+  stops = jnp.asarray(eos_ids or (-1,), jnp.int32)
+  is_eos = lambda t: jnp.any(t[:, None] == stops[None, :], axis=-1)  # noqa: E731
 
   def step(cache, step_tokens, step_positions, step_segments, i):
     logits, mutated = model.apply(
@@ -91,7 +94,7 @@ def _generate(model, variables, tokens, lengths, key, *, max_new_tokens: int, sa
 
   cache, first = step(cache, tokens, positions, segment_ids, 0)
   out = jnp.full((b, max_new_tokens), fill, jnp.int32).at[:, 0].set(first)
-  done = (first == eos_id) if eos_id is not None else jnp.zeros((b,), bool)
+  done = is_eos(first)
   ones = jnp.ones((b, 1), jnp.int32)
 
   def cond(carry):
@@ -102,8 +105,7 @@ def _generate(model, variables, tokens, lengths, key, *, max_new_tokens: int, sa
     i, last, out, done, cache = carry
     cache, nxt = step(cache, last[:, None], (lengths + i - 1)[:, None], ones, i)
     nxt = jnp.where(done, fill, nxt)  # finished rows emit nothing new
-    if eos_id is not None:
-      done = done | (nxt == eos_id)
+    done = done | is_eos(nxt)
     return i + 1, nxt, out.at[:, i].set(nxt), done, cache
 
   _, _, out, _, _ = jax.lax.while_loop(cond, body, (1, first, out, done, cache))
@@ -121,10 +123,12 @@ def check_token_ids(rows, vocab_size: int, what: str = "prompt") -> None:
 
 def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int | None = None) -> list[list[int]]:
-  """Each prompt's continuation: up to max_new_tokens ids, cut before the first EOS.
+             eos_id: int | Sequence[int] | None = None) -> list[list[int]]:
+  """Each prompt's continuation: up to max_new_tokens ids, cut before the first EOS (any of
+  them, where `eos_id` is several: Llama 3 and Gemma stop at end-of-turn as well).
 
-  `model` is a GPT2LMHeadModel (or one bound to its PEFT method, jaxft.peft.bind), `params`
+  `model` is a causal LM (GPT2LMHeadModel, LlamaForCausalLM; or one bound to its PEFT
+  method, jaxft.peft.bind), `params`
   its (unboxed) params, or its variables {"params": ..., "peft": ...}. The same seed and
   prompts give the same samples.
   """
@@ -141,12 +145,13 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int,
     if not prompt:
       raise ValueError(f"prompt {i} has no tokens; start it with at least one token (e.g. the "
                        "EOS token, as GPT-2 does for unconditional samples)")
-    if len(prompt) + max_new_tokens > cfg.n_positions:
+    context = cfg.context_length
+    if len(prompt) + max_new_tokens > context:
       raise ValueError(
           f"prompt {i} has {len(prompt)} tokens, and with --max_new_tokens={max_new_tokens} the "
-          f"sequence would outgrow the model's n_positions={cfg.n_positions} (prompt + new tokens "
-          f"<= {cfg.n_positions}): lower --max_new_tokens to at most "
-          f"{max(cfg.n_positions - len(prompt), 0)} or shorten the prompt")
+          f"sequence would outgrow the model's {cfg.context_field}={context} (prompt + new tokens "
+          f"<= {context}): lower --max_new_tokens to at most "
+          f"{max(context - len(prompt), 0)} or shorten the prompt")
   if max_new_tokens == 0:
     return [[] for _ in prompts]
 
@@ -155,9 +160,17 @@ def generate(model, params, prompts: list[list[int]], *, max_new_tokens: int,
   for row, prompt in enumerate(prompts):
     tokens[row, longest - len(prompt):] = prompt
   lengths = np.array([len(p) for p in prompts], np.int32)
+  eos_ids = (() if eos_id is None else (int(eos_id),) if isinstance(eos_id, (int, np.integer))
+             else tuple(int(e) for e in eos_id))
   out = _generate(model, variables, tokens, lengths, jax.random.key(seed),
-                  max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id)
+                  max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids)
   out = np.asarray(jax.device_get(out)).tolist()
-  if eos_id is not None:
-    out = [row[:row.index(eos_id)] if eos_id in row else row for row in out]
-  return out
+  return [_cut(row, eos_ids) for row in out]
+
+
+def _cut(row: list[int], eos_ids: tuple[int, ...]) -> list[int]:
+  """`row` up to (without) its first EOS id."""
+  for i, t in enumerate(row):
+    if t in eos_ids:
+      return row[:i]
+  return row

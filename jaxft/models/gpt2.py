@@ -47,6 +47,16 @@ class GPT2Config:
   def head_dim(self) -> int:
     return self.n_embd // self.n_head
 
+  context_field = "n_positions"  # the config.model field of the context length (in messages)
+
+  @property
+  def context_length(self) -> int:
+    return self.n_positions
+
+  @property
+  def lm_head_path(self) -> str:  # the tied embedding
+    return "transformer/wte/embedding"
+
   @property
   def attention_spec(self) -> attention.Spec:
     return attention.Spec(self.attention_impl, causal=True, dropout_rate=self.attn_pdrop,

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxft.models import bert, gpt2
+from jaxft.models import bert, gpt2, llama
 from jaxft.models.dropout import Dropout
 from jaxft.parallel import sharding
 
@@ -123,23 +123,26 @@ def last_token_index(segment_ids):
   return jnp.max(jnp.where(segment_ids > 0, idx, 0), axis=-1)
 
 
-class GPT2ForSequenceClassification(nn.Module):
-  """GPT-2 backbone -> bias-free linear on the last real token: [B, num_labels]; packed rows
-  (`slots` given): on each segment's last token, [B, slots, num_labels]."""
+class _LastTokenClassifier(nn.Module):
+  """A decoder backbone -> bias-free linear "score" on the last real token: [B, num_labels];
+  packed rows (`slots` given): on each segment's last token, [B, slots, num_labels]. The
+  backbone sits under `backbone_name` (transformers' attribute name for it)."""
 
-  cfg: gpt2.GPT2Config
+  cfg: object
   num_labels: int
+  backbone_cls = None
+  backbone_name = ""
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
                slots: int | None = None, deterministic: bool = True):
-    del token_types  # GPT-2 has no sentence A/B embedding
+    del token_types  # decoders have no sentence A/B embedding
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    hidden = gpt2.GPT2Model(self.cfg, name="transformer")(tokens, positions, segment_ids,
-                                                          deterministic=deterministic)
+    hidden = self.backbone_cls(self.cfg, name=self.backbone_name)(
+        tokens, positions, segment_ids, deterministic=deterministic)
     if slots is None:
       last = jnp.take_along_axis(hidden, last_token_index(segment_ids)[:, None, None], axis=1)
     else:
@@ -150,3 +153,19 @@ class GPT2ForSequenceClassification(nn.Module):
                      kernel_init=nn.with_logical_partitioning(
                          nn.initializers.normal(self.cfg.initializer_range), ("embed", None)))
     return score(last[:, 0] if slots is None else last)
+
+
+class GPT2ForSequenceClassification(_LastTokenClassifier):
+  """transformers' GPT2ForSequenceClassification."""
+
+  cfg: gpt2.GPT2Config
+  backbone_cls = gpt2.GPT2Model
+  backbone_name = "transformer"
+
+
+class LlamaForSequenceClassification(_LastTokenClassifier):
+  """transformers' LlamaForSequenceClassification (and Mistral's, Qwen's, Gemma's)."""
+
+  cfg: llama.LlamaConfig
+  backbone_cls = llama.LlamaModel
+  backbone_name = "model"

@@ -28,6 +28,33 @@ class LayerNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
+class RMSNorm(nn.Module):
+  """RMS norm (no mean, no bias) over the last axis, statistics in float32.
+
+  plus_one (Gemma): the stored weight w scales by (1 + w) and starts at 0, and the product is
+  taken before the cast back to the compute dtype; otherwise (Llama, Qwen, Mistral) the
+  normalised input is cast first and then scaled by w, which starts at 1. Both as transformers
+  computes them, so bfloat16 runs round as theirs do. `axis_name`: the logical axis of the
+  weight ("embed", or "kv" for the per-head q/k norms of Qwen 3 and Gemma 3)."""
+
+  epsilon: float
+  plus_one: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    w = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)),
+                   (x.shape[-1],), self.param_dtype).astype(jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    if self.plus_one:
+      return (y * (1.0 + w)).astype(self.dtype)
+    return (w * y.astype(self.dtype)).astype(self.dtype)
+
+
 class ExtendInputs(nn.Module):
   """Extension point after the embeddings: may prepend positions (PEFT prompt tuning,
   jaxft/peft/prompts.py). The backbone drops whatever it prepended before returning, so heads

@@ -33,7 +33,8 @@ def _chunk_size(t: int, chunk: int) -> int:
   return chunk
 
 
-def _scan(hidden, embedding, targets, mask, chunk: int, with_grads: bool, embedding_grad: bool):
+def _scan(hidden, embedding, targets, mask, chunk: int, with_grads: bool, embedding_grad: bool,
+          softcap: float = 0.0):
   dtype = hidden.dtype
   w = embedding.astype(dtype)
   vocab = w.shape[0]
@@ -42,6 +43,9 @@ def _scan(hidden, embedding, targets, mask, chunk: int, with_grads: bool, embedd
     loss, correct, d_wt = carry
     h, t, m = xs  # [B, c, D], [B, c], [B, c]
     logits = jnp.einsum("bcd,vd->bcv", h, w, preferred_element_type=jnp.float32)
+    if softcap:  # Gemma 2's final-logit soft-capping: c·tanh(z / c)
+      capped = jnp.tanh(logits / softcap)
+      logits = capped * softcap
     # One exp pass serves both the log-sum-exp and the softmax of the gradient: on CPU the
     # exp over [B, c, V] costs as much as a matmul. The max doubles as the argmax test.
     top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
@@ -55,7 +59,10 @@ def _scan(hidden, embedding, targets, mask, chunk: int, with_grads: bool, embedd
     # d loss / d logits = (softmax - onehot(target)) * mask, as one fused elementwise pass.
     probs = exp * (1.0 / total)[..., None]
     is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
-    d_logits = (jnp.where(is_target, probs - 1.0, probs) * m[..., None]).astype(dtype)
+    d_logits = jnp.where(is_target, probs - 1.0, probs) * m[..., None]
+    if softcap:  # through c·tanh(z / c): times 1 - tanh²
+      d_logits = d_logits * (1.0 - capped * capped)
+    d_logits = d_logits.astype(dtype)
     d_h = jnp.einsum("bcv,vd->bcd", d_logits, w, preferred_element_type=jnp.float32)
     if not embedding_grad:  # a frozen embedding (PEFT): a third of the head's FLOPs saved
       return (loss, correct, d_wt), d_h.astype(dtype)
@@ -74,19 +81,21 @@ def _scan(hidden, embedding, targets, mask, chunk: int, with_grads: bool, embedd
   return loss, correct, d_w, (None if d_h is None else _unchunk(d_h))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _lm_loss(hidden, embedding, targets, mask, chunk, embedding_grad):
-  loss, correct, _, _ = _scan(hidden, embedding, targets, mask, chunk, False, embedding_grad)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _lm_loss(hidden, embedding, targets, mask, chunk, embedding_grad, softcap):
+  loss, correct, _, _ = _scan(hidden, embedding, targets, mask, chunk, False, embedding_grad,
+                              softcap)
   return loss, correct
 
 
-def _lm_loss_fwd(hidden, embedding, targets, mask, chunk, embedding_grad):
-  loss, correct, d_w, d_h = _scan(hidden, embedding, targets, mask, chunk, True, embedding_grad)
+def _lm_loss_fwd(hidden, embedding, targets, mask, chunk, embedding_grad, softcap):
+  loss, correct, d_w, d_h = _scan(hidden, embedding, targets, mask, chunk, True, embedding_grad,
+                                  softcap)
   return (loss, correct), (d_h, d_w.astype(embedding.dtype), targets, mask)
 
 
-def _lm_loss_bwd(chunk, embedding_grad, residuals, cotangents):
-  del chunk, embedding_grad
+def _lm_loss_bwd(chunk, embedding_grad, softcap, residuals, cotangents):
+  del chunk, embedding_grad, softcap
   d_h, d_w, targets, mask = residuals
   g = cotangents[0]  # the correct-count output has no gradient
   return (d_h * g.astype(d_h.dtype), d_w * g.astype(d_w.dtype),
@@ -97,7 +106,7 @@ _lm_loss.defvjp(_lm_loss_fwd, _lm_loss_bwd)
 
 
 def lm_head_cross_entropy(hidden, embedding, targets, mask, *, chunk: int = 128,
-                          embedding_grad: bool = True):
+                          embedding_grad: bool = True, softcap: float = 0.0):
   """(sum over masked positions of -log softmax(hidden @ embedding.T)[target],
       count of masked positions whose argmax is the target).
 
@@ -105,6 +114,7 @@ def lm_head_cross_entropy(hidden, embedding, targets, mask, *, chunk: int = 128,
   `chunk` positions of the sequence are processed at a time (rounded down to divide T).
   `embedding_grad=False` (a frozen embedding) skips the embedding's gradient, whose matmul the
   custom gradient would otherwise compute in the forward pass: its gradient is then zero.
+  `softcap` > 0 caps the logits as c·tanh(z / c) first (Gemma 2's final_logit_softcapping).
   """
   return _lm_loss(hidden, embedding, targets.astype(jnp.int32), mask.astype(jnp.float32),
-                  _chunk_size(hidden.shape[1], chunk), embedding_grad)
+                  _chunk_size(hidden.shape[1], chunk), embedding_grad, float(softcap))

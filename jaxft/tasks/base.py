@@ -36,7 +36,8 @@ class Task(abc.ABC):
     self.labels = labels
     num_labels = len(labels) if labels else 0
     self.model, self.model_cfg = build_model(config.model, self.name, num_labels)
-    self.architecture = hf_architecture(config.model.get("family", "gpt2"), self.name)
+    self.architecture = hf_architecture(config.model.get("family", "gpt2"), self.name,
+                                        config.model)
     self.peft = peft.make(config.get("peft"))
     self.peft.check_layout(bool(config.model.get("scan_layers", False)))
 

@@ -26,26 +26,29 @@ class CausalLM(Task):
 
   name = "causal_lm"
   generative = True
-  _EMBEDDING = "transformer/wte/embedding"  # the tied LM head's parameter path
 
   def __init__(self, config: ml_collections.ConfigDict, labels=None):
     super().__init__(config, labels)
     self.loss_chunk = config.get("lm_loss_chunk", 0)
     # The fused loss takes the tied embedding's gradient only where it trains (not under PEFT,
     # unless config.peft.trainable names it).
-    self.embedding_trains = self.peft.trains(self._EMBEDDING, self.trainable_head)
+    self.lm_head_path = self.model_cfg.lm_head_path
+    self.embedding_trains = self.peft.trains(self.lm_head_path, self.trainable_head)
+    self.logit_softcap = getattr(self.model_cfg, "final_logit_softcapping", 0.0)
     if config.data.tokenizer:
       if load_tokenizer(config.data.tokenizer).eos_id is None:
         raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r} has no end-of-text "
                          "token, which causal-LM packing puts between documents; use a GPT-2 "
                          "style tokenizer (or '' for GPT-2's BPE)")
-    if config.seq_len > self.model_cfg.n_positions:
-      raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.n_positions="
-                       f"{self.model_cfg.n_positions}; lower seq_len or raise n_positions")
+    context = self.model_cfg.context_length
+    if config.seq_len > context:
+      field = self.model_cfg.context_field
+      raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.{field}="
+                       f"{context}; lower seq_len or raise {field}")
 
   def head_weights_per_token(self, seq_len: int) -> dict[str, float]:
-    # The LM head is the tied token embedding, applied at every token.
-    return {self._EMBEDDING: self.model_cfg.n_embd * self.model_cfg.vocab_size}
+    # The LM head (the tied token embedding, or its own table) is applied at every token.
+    return {self.lm_head_path: self.model_cfg.flops_backbone.width * self.model_cfg.vocab_size}
 
   def init(self, rng, seq_len: int):
     """Boxed (logically partitioned) variables for a [1, seq_len] dummy batch."""
@@ -65,7 +68,8 @@ class CausalLM(Task):
       embedding = self.model.apply(variables, method="embedding")
       loss_sum, correct = lm_head_cross_entropy(hidden, embedding, batch["targets"], mask,
                                                 chunk=self.loss_chunk,
-                                                embedding_grad=self.embedding_trains)
+                                                embedding_grad=self.embedding_trains,
+                                                softcap=self.logit_softcap)
       return loss_sum, {"weight": tokens, "tokens": tokens, "correct": correct}
     logits = self._forward(variables, batch, rng, deterministic)
     losses = token_cross_entropy(logits, batch["targets"])
