@@ -33,8 +33,9 @@ CAUSAL = {
     "Qwen3ForCausalLM": dict(head_dim=12),
     "GemmaForCausalLM": dict(head_dim=12),
     # Gemma 2 / 3 scale embeddings by sqrt(d) and cap logits: a narrower init stays varied.
-    "Gemma2ForCausalLM": dict(head_dim=12, sliding_window=5, initializer_range=0.02, query_pre_attn_scalar=10,
-                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "Gemma2ForCausalLM": dict(head_dim=12, sliding_window=5, initializer_range=0.02,
+                              query_pre_attn_scalar=10, attn_logit_softcapping=5.0,
+                              final_logit_softcapping=3.0),
     "Gemma3ForCausalLM": dict(head_dim=12, sliding_window=5, sliding_window_pattern=2,
                               initializer_range=0.02,
                               query_pre_attn_scalar=10,

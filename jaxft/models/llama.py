@@ -94,7 +94,7 @@ class LlamaConfig:
   def dim_per_head(self) -> int:
     return self.head_dim or self.hidden_size // self.num_attention_heads
 
-  context_field = "max_position_embeddings"  # the config.model field of the context length (in messages)
+  context_field = "max_position_embeddings"  # the context's config.model field (in messages)
 
   @property
   def context_length(self) -> int:
