@@ -12,14 +12,26 @@ order: temperature, then top-k, then top-p; temperature 0 is greedy.
 --prompts_file: one prompt per line (empty lines are skipped), decoded as --encoding (default:
 the run's config.data.encoding, the encoding of the text it was trained on; utf-8 for a Hugging
 Face directory) with --encoding_errors.
+
+Chat models (an SFT / DPO run, or an instruct model's Hugging Face directory):
+
+    python -m jaxft.generate --workdir runs/sft --chat "Write a haiku about TPUs" [--system ...]
+    python -m jaxft.generate --init_from /models/Qwen2.5-0.5B-Instruct --chats_file chats.jsonl
+
+--chat (repeatable) is one user turn; --chats_file holds one conversation per line (a list of
+{"role", "content"} messages, or {"messages": [...]}). Each is rendered with the run's chat
+template (config.sft.chat_template, else the tokenizer's) and its generation prompt; decoding
+stops at any of the model's EOS ids (tokenizer_config.json and generation_config.json: Llama 3's
+<|eot_id|>, Qwen's <|im_end|>, Gemma's <end_of_turn>).
 """
 
 import os
 
 from absl import app, flags
 
-from jaxft.data import textio
-from jaxft.data.textio import ENCODING_ERRORS, FLAGS_UTF8, Encoding
+from jaxft.data import chat, textio
+from jaxft.data.chat_records import check_messages
+from jaxft.data.textio import ENCODING_ERRORS, FLAGS_UTF8, Encoding, json_value
 from jaxft.models import generation
 from jaxft.run import cli, loader
 
@@ -39,6 +51,10 @@ def _define_flags() -> None:
   flags.DEFINE_enum("encoding_errors", None, list(ENCODING_ERRORS), "strict: undecodable bytes "
                     "in --prompts_file are an error; replace: decode them as U+FFFD (with a "
                     "warning); default the run's, else strict")
+  flags.DEFINE_multi_string("chat", [], "a user message to answer with the chat template; "
+                            "repeat for a batch")
+  flags.DEFINE_string("system", None, "system message put before each --chat message")
+  flags.DEFINE_string("chats_file", None, "JSONL: one conversation (message list) per line")
   flags.DEFINE_integer("max_new_tokens", 100, "tokens to generate per prompt")
   flags.DEFINE_float("temperature", 1.0, "softmax temperature; 0 = greedy")
   flags.DEFINE_integer("top_k", 0, "sample from the k most likely tokens; 0 = all")
@@ -51,8 +67,34 @@ def open_generator(path: str, step: int | None = None) -> loader.Run:
   run = loader.open_run(path, step=step)
   if not run.task.generative:
     raise ValueError(f"{path} holds a {run.config.task} model; generation needs a causal LM "
-                     "(a run of configs/gpt2.py, or a Hugging Face GPT2LMHeadModel directory)")
+                     "(a run of configs/gpt2.py, llama.py, sft.py or dpo.py, or a Hugging Face "
+                     "*ForCausalLM directory)")
   return run
+
+
+def read_chats(chats: list[str], system: str | None, chats_file: str | None) -> list[list]:
+  """--chat messages and --chats_file lines -> conversations (lists of messages)."""
+  head = [{"role": "system", "content": system}] if system else []
+  conversations = [head + [{"role": "user", "content": text}] for text in chats]
+  if chats_file:
+    if not os.path.isfile(chats_file):
+      raise FileNotFoundError(f"--chats_file={chats_file} is not a file")
+    for n, line in textio.read_lines(chats_file):
+      if not line.strip():
+        continue
+      value = json_value(line, chats_file, n, "write one JSON list of messages per line")
+      messages = value.get("messages") if isinstance(value, dict) else value
+      conversations.append(check_messages(messages, chats_file, n))
+  return conversations
+
+
+def chat_template(run) -> str | None:
+  """The run's own template (an SFT / DPO config's chat_template), else the tokenizer's."""
+  for block in ("sft", "dpo"):
+    template = run.config.get(block, {}).get("chat_template", "")
+    if template:
+      return template
+  return None
 
 
 _NO_PROMPTS = "give --prompt (repeatable) or --prompts_file; --prompt '' samples unconditionally"
@@ -76,10 +118,29 @@ def main(argv):
   f = flags.FLAGS
   if (f.workdir is None) == (f.init_from is None):
     raise app.UsageError("give exactly one of --workdir (a jaxft run) or --init_from (a Hugging "
-                         "Face GPT-2 directory)")
+                         "Face causal LM directory)")
+  chatting = bool(f.chat or f.chats_file)
+  if chatting and (f.prompt or f.prompts_file):
+    raise app.UsageError("give either --chat / --chats_file (chat template) or --prompt / "
+                         "--prompts_file (plain text), not both")
   # Flag mistakes before the model is loaded; the file is read after, in the run's encoding.
-  if not f.prompt and not f.prompts_file:
+  if not chatting and not f.prompt and not f.prompts_file:
     raise app.UsageError(_NO_PROMPTS)
+  if chatting:
+    with cli.user_errors("generate"):
+      conversations = read_chats(f.chat, f.system, f.chats_file)
+      run = open_generator(f.workdir or f.init_from, f.step)
+      tok = run.tokenizer()
+      template = chat_template(run)
+      ids = [chat.encode_conversation(tok, c, template=template, add_generation_prompt=True)[0]
+             for c in conversations]
+      outs = generation.generate(run.model, run.variables, ids, max_new_tokens=f.max_new_tokens,
+                                 temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                                 seed=f.seed, eos_id=tok.eos_ids)
+    for i, (c, out) in enumerate(zip(conversations, outs)):
+      print(f"=== chat {i} ===\n{c[-1]['role']}: {c[-1]['content']}\nassistant: "
+            f"{tok.decode(out)}")
+    return
   if f.prompts_file and not os.path.isfile(f.prompts_file):
     raise app.UsageError(f"--prompts_file={f.prompts_file} is not a file")
   with cli.user_errors("generate"):  # a bad run directory, prompts file or setting: one line
@@ -90,7 +151,7 @@ def main(argv):
     ids = [tok.encode(p) or [tok.eos_id] for p in prompts]
   outs = generation.generate(run.model, run.variables, ids, max_new_tokens=f.max_new_tokens,
                              temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-                             seed=f.seed, eos_id=tok.eos_id)
+                             seed=f.seed, eos_id=tok.eos_ids)
   for i, (prompt, out) in enumerate(zip(prompts, outs)):
     print(f"=== sample {i} ===\n{prompt}{tok.decode(out)}")
 

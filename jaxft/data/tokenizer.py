@@ -2,8 +2,10 @@
 
 Both are HF `tokenizers` objects underneath (Rust, fast batch encoding), wrapped so the rest of
 jaxft sees one small interface: encode / encode_batch / decode / eos_id / vocab_size / save, plus
-`special_id` ([CLS], [SEP], [PAD], [MASK] of a WordPiece/BERT directory) and `backend` (the
-`tokenizers.Tokenizer` itself, for offsets and pair encoding).
+`special_id` ([CLS], [SEP], [PAD], [MASK] of a WordPiece/BERT directory), `backend` (the
+`tokenizers.Tokenizer` itself, for offsets and pair encoding), `eos_ids` (every id generation stops
+at: Llama 3, Qwen and Gemma end a turn with a token other than eos_token) and `chat_template` (the
+directory's Jinja template, rendered by jaxft.data.chat).
 """
 
 import importlib.util
@@ -20,6 +22,9 @@ GPT2_EOS = "<|endoftext|>"
 _TOKENIZER_JSON = "tokenizer.json"
 _VOCAB_JSON = "vocab.json"
 _MERGES_TXT = "merges.txt"
+_CONFIG_JSON = "tokenizer_config.json"
+# transformers 5 writes the template here, and reads it in preference to tokenizer_config.json's.
+_CHAT_TEMPLATE = "chat_template.jinja"
 
 
 def _gpt2_bpe_files() -> tuple[str, str]:
@@ -54,7 +59,11 @@ _SPECIAL_NAMES = ("cls_token", "sep_token", "pad_token", "mask_token", "unk_toke
 
 
 class Tokenizer:
-  def __init__(self, tok: tokenizers.Tokenizer, special: dict[str, str], source: str):
+  def __init__(self, tok: tokenizers.Tokenizer, special: dict[str, str], source: str, *,
+               extra_eos_ids: tuple[int, ...] = (), chat_template: str | None = None,
+               config: dict | None = None):
+    """`extra_eos_ids`: the config files' eos_token_id beyond eos_token's; `config`: the source's
+    tokenizer_config.json, whose tokenizer class `save` keeps."""
     # A tokenizer.json may carry padding/truncation settings (all-MiniLM-L6-v2's pads every text
     # to 128): jaxft pads and truncates itself, per task.
     tok.no_padding()
@@ -66,6 +75,11 @@ class Tokenizer:
     self.eos_token = self.special.get("eos_token")
     # None for tokenizers without an end-of-text token (BERT's WordPiece).
     self.eos_id = None if self.eos_token is None else int(tok.token_to_id(self.eos_token))
+    # eos_token's id first, so eos_ids[0] == eos_id wherever the tokenizer has an eos_token.
+    first = () if self.eos_id is None else (self.eos_id,)
+    self.eos_ids = tuple(dict.fromkeys(first + tuple(extra_eos_ids)))
+    self.chat_template = chat_template
+    self._config = config or {}
 
   @property
   def backend(self) -> tokenizers.Tokenizer:
@@ -111,7 +125,8 @@ class Tokenizer:
     return self._tok.decode(list(ids), skip_special_tokens=False)
 
   def save(self, out_dir: str) -> None:
-    """tokenizer.json + vocab.json + merges.txt + tokenizer_config.json for AutoTokenizer."""
+    """tokenizer.json + vocab.json + merges.txt + tokenizer_config.json (+ chat_template.jinja)
+    for AutoTokenizer and load_tokenizer."""
     os.makedirs(out_dir, exist_ok=True)
     self._tok.save(os.path.join(out_dir, _TOKENIZER_JSON))
     model = json.loads(self._tok.to_str())["model"]
@@ -128,9 +143,19 @@ class Tokenizer:
                     "model_max_length": 1024}
       else:  # WordPiece: AutoTokenizer builds BertTokenizerFast from tokenizer.json
         settings = {"tokenizer_class": "BertTokenizer", "model_max_length": 512}
+      # A HF directory's own class wins: a WordLevel or Llama-style tokenizer is no BERT or GPT-2.
+      settings.update({k: self._config[k] for k in ("tokenizer_class", "model_max_length")
+                       if k in self._config})
       json.dump({**settings, **special}, f, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
       json.dump(special, f, indent=2)
+    template = os.path.join(out_dir, _CHAT_TEMPLATE)
+    if self.chat_template is not None:
+      with open(template, "w", encoding="utf-8") as f:
+        f.write(self.chat_template)
+    elif os.path.exists(template):
+      # A template left by an earlier save would win on re-load: it is not this tokenizer's.
+      os.remove(template)
 
 
 def _check_text(text, what: str) -> None:
@@ -147,20 +172,66 @@ def _check_text(text, what: str) -> None:
 def _special_tokens_of(path: str) -> dict[str, str]:
   """Role -> token text from special_tokens_map.json / tokenizer_config.json (the latter wins)."""
   special: dict[str, str] = {}
-  for name in ("special_tokens_map.json", "tokenizer_config.json"):
-    file = os.path.join(path, name)
-    if os.path.exists(file):
-      with open(file) as f:
-        data = json.load(f)
-      for role in _SPECIAL_NAMES:
-        token = data.get(role)
-        if isinstance(token, dict):
-          token = token.get("content")
-        if token:
-          special[role] = token
+  for name in ("special_tokens_map.json", _CONFIG_JSON):
+    data = _read_json(os.path.join(path, name))
+    for role in _SPECIAL_NAMES:
+      token = data.get(role)
+      if isinstance(token, dict):
+        token = token.get("content")
+      if token:
+        special[role] = token
   if not special:  # a bare GPT-2 BPE directory (vocab.json + merges.txt)
     special = {"eos_token": GPT2_EOS}
   return special
+
+
+def _read_json(path: str) -> dict:
+  """The object in a JSON config file, or {} if there is no such file."""
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise BadInputError(f"{path} is not valid JSON ({e}); fix or remove it", path) from e
+  if not isinstance(data, dict):
+    raise BadInputError(f"{path} holds a {type(data).__name__}, not a JSON object", path)
+  return data
+
+
+def _config_eos_ids(path: str) -> tuple[int, ...]:
+  """eos_token_id (an int or a list) of generation_config.json, then of config.json: instruct
+  models stop at end-of-turn as well as at end-of-text (Llama 3's <|eot_id|>, Gemma's
+  <end_of_turn>)."""
+  ids: list[int] = []
+  for name in ("generation_config.json", "config.json"):
+    file = os.path.join(path, name)
+    value = _read_json(file).get("eos_token_id")
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    for v in values:
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise BadInputError(f"{file}: eos_token_id holds {v!r}; give a token id (an int >= 0) or "
+                            "a list of them", file)
+      ids.append(v)
+  return tuple(ids)
+
+
+def _chat_template_of(path: str, config: dict) -> str | None:
+  """chat_template.jinja, else tokenizer_config.json's chat_template: a string, or a list of
+  {"name", "template"} of which transformers uses "default"."""
+  file = os.path.join(path, _CHAT_TEMPLATE)
+  if os.path.exists(file):
+    with open(file, encoding="utf-8") as f:
+      return f.read()
+  template = config.get("chat_template")
+  if isinstance(template, list):
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default")
+  if template is not None and not isinstance(template, str):
+    raise BadInputError(f"{os.path.join(path, _CONFIG_JSON)}: chat_template is a "
+                        f"{type(template).__name__}; give a Jinja string or a list of "
+                        '{"name", "template"} objects', os.path.join(path, _CONFIG_JSON))
+  return template
 
 
 def _gpt2_special() -> dict[str, str]:
@@ -172,24 +243,34 @@ def has_tokenizer(path: str) -> bool:
   return any(os.path.exists(os.path.join(path, f)) for f in (_TOKENIZER_JSON, _VOCAB_JSON))
 
 
+BUILTIN_CHARS = "builtin:chars"  # one token per character + ChatML (synthetic_instructions.py)
+
+
 def load_tokenizer(path: str | None = None) -> Tokenizer:
-  """`path` None/"" = GPT-2's BPE; else a HF directory with tokenizer.json or vocab.json+merges."""
+  """`path` None/"" = GPT-2's BPE; BUILTIN_CHARS = the demos' character tokenizer; else a HF
+  directory with tokenizer.json or vocab.json + merges.txt."""
   if not path:
     encoder, bpe = _gpt2_bpe_files()
     with open(encoder, encoding="utf-8") as f:
       vocab = json.load(f)
     return Tokenizer(_byte_level_bpe(vocab, _read_merges(bpe)), _gpt2_special(), "")
+  if path == BUILTIN_CHARS:  # the SFT / DPO demos' tokenizer, generated into the cache once
+    from jaxft.data import synthetic_instructions  # noqa: PLC0415 (only for this tokenizer)
+    path = synthetic_instructions.char_tokenizer_dir()
   if not os.path.isdir(path):
     raise FileNotFoundError(f"config.data.tokenizer={path!r} is not a directory; give a Hugging "
                             "Face tokenizer directory, or '' for GPT-2's BPE")
   special = _special_tokens_of(path)
+  config = _read_json(os.path.join(path, _CONFIG_JSON))
+  extra = dict(extra_eos_ids=_config_eos_ids(path), chat_template=_chat_template_of(path, config),
+               config=config)
   if os.path.exists(os.path.join(path, _TOKENIZER_JSON)):
     return Tokenizer(tokenizers.Tokenizer.from_file(os.path.join(path, _TOKENIZER_JSON)), special,
-                     path)
+                     path, **extra)
   vocab_file, merges_file = os.path.join(path, _VOCAB_JSON), os.path.join(path, _MERGES_TXT)
   if os.path.exists(vocab_file) and os.path.exists(merges_file):
     with open(vocab_file, encoding="utf-8") as f:
       vocab = json.load(f)
-    return Tokenizer(_byte_level_bpe(vocab, _read_merges(merges_file)), special, path)
+    return Tokenizer(_byte_level_bpe(vocab, _read_merges(merges_file)), special, path, **extra)
   raise FileNotFoundError(f"tokenizer directory {path!r} has neither {_TOKENIZER_JSON} nor "
                           f"{_VOCAB_JSON} + {_MERGES_TXT}")

@@ -78,6 +78,9 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_ac
                "update_norm": optax.tree.norm(updates),
                "lr": schedule(state.step), "tokens": aux["tokens"],
                "accuracy": aux["correct"] / weight}
+    # A task's further per-weight means (DPO's margins and log-probs): "mean/x" logs as x.
+    metrics.update({k.removeprefix("mean/"): v / weight for k, v in aux.items()
+                    if k.startswith("mean/")})
     return new_state, metrics
 
   return train_step

@@ -7,13 +7,16 @@ import ml_collections
 from jaxft.tasks.base import Task
 from jaxft.tasks.causal_lm import CausalLM
 from jaxft.tasks.classification import SequenceClassification
+from jaxft.tasks.dpo import PreferenceTuning
 from jaxft.tasks.masked_lm import MaskedLM
 from jaxft.tasks.question_answering import QuestionAnswering
+from jaxft.tasks.sft import InstructionTuning
 from jaxft.tasks.token_classification import TokenClassification
 
 # config.task -> the Task class.
 _TASKS = {cls.name: cls for cls in (CausalLM, MaskedLM, SequenceClassification,
-                                    TokenClassification, QuestionAnswering)}
+                                    TokenClassification, QuestionAnswering, InstructionTuning,
+                                    PreferenceTuning)}
 
 __all__ = ["Task", "make_task", "task_class"]
 

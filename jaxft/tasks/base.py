@@ -18,6 +18,7 @@ from jaxft.models.registry import build_model, hf_architecture
 
 class Task(abc.ABC):
   name = ""  # config.task, and the head the model registry builds (jaxft/models/registry.py)
+  head = ""  # the model head when it is not `name` (SFT and DPO train a causal LM)
   # Early stopping default: (metric, "max" | "min"); config.early_stopping.metric overrides.
   default_metric = ("loss", "min")
   has_labels = False
@@ -30,14 +31,15 @@ class Task(abc.ABC):
   # fields the task reads, and the row length (0 = the model's context).
   data_defaults: dict = {}
   default_seq_len = 0
+  needs_start = False  # `prepare` derives data from the starting model (DPO's reference)
 
   def __init__(self, config: ml_collections.ConfigDict, labels: list[str] | None = None):
     self.config = config
     self.labels = labels
     num_labels = len(labels) if labels else 0
-    self.model, self.model_cfg = build_model(config.model, self.name, num_labels)
-    self.architecture = hf_architecture(config.model.get("family", "gpt2"), self.name,
-                                        config.model)
+    head = self.head or self.name
+    self.model, self.model_cfg = build_model(config.model, head, num_labels)
+    self.architecture = hf_architecture(config.model.get("family", "gpt2"), head, config.model)
     self.peft = peft.make(config.get("peft"))
     self.peft.check_layout(bool(config.model.get("scan_layers", False)))
 
@@ -118,6 +120,17 @@ class Task(abc.ABC):
     """End of training (process 0): print what a user wants to see (default: nothing more
     than the loop has logged)."""
     del workdir, variables, val, eval_batches
+
+  def prepare(self, workdir: str, variables) -> None:
+    """Before the data is read for training or evaluation (every process): what the task
+    derives from the starting model (`variables`, a new run) or saved in `workdir` (None: a
+    resumed or finished run). Default: nothing. Tasks that need it set needs_start = True."""
+    del workdir, variables
+
+  def before_training(self, workdir: str, variables) -> None:
+    """Start of a new run (process 0, step 0, the starting variables on the host): measure
+    what `finish` compares the trained model with (default: nothing)."""
+    del workdir, variables
 
   def benchmark_batch(self, seed: int = 0) -> dict:
     """A training batch for jaxft.bench: the first of the task's own training data (its loss

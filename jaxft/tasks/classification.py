@@ -40,10 +40,12 @@ def encode_texts(tokenizer, texts: list[str], max_len: int, family: str) -> dict
   """Texts -> inputs / segment_ids / token_types [N, max_len], truncated and right-padded.
 
   BERT: [CLS] text [SEP] through the tokenizer's own post-processor (truncation keeps room for
-  the special tokens). GPT-2: the text's tokens alone (the classifier reads the last one).
+  the special tokens); the Llama-style decoders: theirs too (Llama's <|begin_of_text|>, none
+  for Qwen), as transformers' tokenizers encode by default. GPT-2: the text's tokens alone (the
+  classifier reads the last one).
   """
   encodings = tokenizer.private_copy(max_len).encode_batch(
-      texts, add_special_tokens=family == "bert")
+      texts, add_special_tokens=family != "gpt2")
   pad = (tokenizer.special_id("pad_token") if "pad_token" in tokenizer.special
          else tokenizer.eos_id or 0)
   return pad_encodings(encodings, max_len, pad)
@@ -51,7 +53,7 @@ def encode_texts(tokenizer, texts: list[str], max_len: int, family: str) -> dict
 
 class SequenceClassification(LabeledTask):
   name = "classification"
-  trainable_head = r"^(classifier|score)/"  # BERT's classifier, GPT-2's score
+  trainable_head = r"^(classifier|score)/"  # BERT's classifier, the decoders' score
   kind = "classification"
   has_labels = True
   default_metric = ("accuracy", "max")

@@ -7,8 +7,10 @@ import logging
 
 import ml_collections
 
+from jaxft import trees
 from jaxft.parallel import distributed
 from jaxft.run import checkpoint, flops, lock, logs
+from jaxft.tasks import Task
 from jaxft.training.best import BestTracker
 from jaxft.training.compile import compile_only
 from jaxft.training.finish import finish
@@ -30,6 +32,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best_ckpt = checkpoint.BestParams(workdir)
     counts = parameter_counts(s.state, s.frozen)
     _log_model(s, counts)
+    if type(s.task).before_training is not Task.before_training and not int(
+        distributed.to_host(s.state.step)):  # a new run: the starting model's figures
+      start = distributed.to_host(trees.combine(s.frozen, s.state.params))  # a collective
+      if distributed.is_primary():
+        s.task.before_training(workdir, start)
     writer = logs.Writer(workdir)
     try:
       writer.write(int(distributed.to_host(s.state.step)), counts)

