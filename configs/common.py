@@ -85,6 +85,9 @@ def peft(**overrides) -> ml_collections.ConfigDict:
   p.rank = 8  # LoRA rank; AdaLoRA: the average rank left after reallocation
   p.alpha = 16.0  # LoRA/AdaLoRA update scale: alpha / rank (AdaLoRA: alpha / init_rank)
   p.dropout = 0.05  # LoRA/AdaLoRA dropout on the adapted layer's input
+  # A Hugging Face PEFT LoRA adapter directory whose weights start this run's LoRA (and its
+  # modules_to_save head); its r / lora_alpha must equal rank / alpha, its modules targets'.
+  p.init_adapter = ""
   p.init_rank = 12  # AdaLoRA: rank every module starts with
   p.warmup_fraction = 0.1  # AdaLoRA: steps before the budget starts falling (t_init)
   p.final_fraction = 0.3  # AdaLoRA: last steps at the final budget, mask fixed (t_final)

@@ -22,6 +22,8 @@ import tempfile
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers
 
+from jaxft.data.text_builder import default_data_dir
+
 VERSION = 2  # bump when what a seed generates changes (cached datasets rebuild)
 SYSTEM = "Answer with the result only."
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -116,7 +118,6 @@ def write_char_tokenizer(path: str) -> str:
 def char_tokenizer_dir() -> str:
   """The character tokenizer's directory in jaxft's cache, written on first use (atomically:
   several processes may ask at once)."""
-  from jaxft.data.text_builder import default_data_dir  # noqa: PLC0415 (no import cycle)
   path = os.path.join(os.path.dirname(default_data_dir()), "tokenizers", f"chars-v{VERSION}")
   if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -15,6 +15,7 @@ import os
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from jaxft.data import synthetic_instructions
 from jaxft.data.errors import BadInputError
 
 GPT2_EOS = "<|endoftext|>"
@@ -255,7 +256,6 @@ def load_tokenizer(path: str | None = None) -> Tokenizer:
       vocab = json.load(f)
     return Tokenizer(_byte_level_bpe(vocab, _read_merges(bpe)), _gpt2_special(), "")
   if path == BUILTIN_CHARS:  # the SFT / DPO demos' tokenizer, generated into the cache once
-    from jaxft.data import synthetic_instructions  # noqa: PLC0415 (only for this tokenizer)
     path = synthetic_instructions.char_tokenizer_dir()
   if not os.path.isdir(path):
     raise FileNotFoundError(f"config.data.tokenizer={path!r} is not a directory; give a Hugging "

@@ -28,6 +28,7 @@ from flax import linen as nn
 
 from jaxft import hf, peft, tasks, trees
 from jaxft.data.tokenizer import has_tokenizer, load_tokenizer
+from jaxft.hf import peft_adapter
 from jaxft.models import registry
 from jaxft.parallel import sharding
 from jaxft.run import checkpoint
@@ -84,12 +85,20 @@ def _open_workdir(path: str, step, best: bool, init_from: str | None) -> Run:
   if init_from:
     config.init_from = init_from
   task = tasks.make_task(config, labels=workdir_lib.load_labels(path))
+  if task.needs_start:  # what the run derived from its starting model (DPO's reference)
+    task.prepare(path, None)
   lay, trainable = open_trainable(path, task, step, best)
   frozen = {}
   if lay.has_frozen:
     if not config.init_from:
       log.info("%s: no init_from recorded; the frozen base is the seed's random init", path)
-    frozen = lay.split(initial_variables(task, config, lay))[1]
+    base = config
+    if config.get("peft", {}).get("init_adapter"):
+      # What the adapter loaded trains, so the checkpoint holds it: the frozen base needs only
+      # init_from (and the adapter directory may be gone since).
+      base = config.copy_and_resolve_references()
+      base.peft.init_adapter = ""
+    frozen = lay.split(initial_variables(task, base, lay))[1]
   return Run(path, config, task, trees.combine(frozen, trainable))
 
 
@@ -179,9 +188,14 @@ def _workdir_tensors(path: str) -> dict:
 
 def initial_variables(task, config, lay) -> dict:
   """Every variable of the task's model in the layout's shardings: the seed's random init, with
-  the "params" from config.init_from when it is set (a head it lacks keeps its random init)."""
-  variables = state_lib.random_variables(task, config.seq_len, config.seed, lay)
+  the "params" from config.init_from when it is set (a head it lacks keeps its random init) and
+  the LoRA of config.peft.init_adapter (a Hugging Face PEFT adapter) when that is set."""
   path = config.get("init_from", "")
+  adapter = config.get("peft", {}).get("init_adapter", "")
+  if adapter and not path:
+    raise ValueError(f"config.peft.init_adapter={adapter!r} needs config.init_from: the base "
+                     "model the adapter was trained on")
+  variables = state_lib.random_variables(task, config.seq_len, config.seed, lay)
   if not path:
     return variables
   tensors = _workdir_tensors(path) if workdir_lib.is_workdir(path) else None
@@ -191,4 +205,8 @@ def initial_variables(task, config, lay) -> dict:
 
   params = hf.load_params(path, lay.abstract["params"], task.architecture, init_fn=head_init,
                           tensors=tensors)
-  return {**variables, "params": jax.device_put(params, lay.shardings["params"])}
+  variables = {**variables, "params": jax.device_put(params, lay.shardings["params"])}
+  if adapter:  # a Hugging Face PEFT LoRA adapter's weights start the run's LoRA
+    variables = jax.device_put(peft_adapter.load_peft_adapter(adapter, task, variables),
+                               lay.shardings)
+  return variables

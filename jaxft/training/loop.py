@@ -36,6 +36,11 @@ def check_finite(records: list[dict], workdir: str, last_saved: int | None) -> N
           "> 0 or use float32 (config.model.dtype), then rerun to resume from that checkpoint.")
 
 
+# Step metrics that are not logged as per-step means (tokens is a throughput; the norms a
+# check) or are already in the standard four.
+_NOT_LOGGED_AS_MEANS = ("loss", "grad_norm", "lr", "accuracy", "tokens", "update_norm")
+
+
 def format_metrics(metrics: dict) -> str:
   return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
@@ -73,8 +78,10 @@ class StepLog:
     check_finite([{"step": step - len(host) + i + 1,
                    **{f"train/{k}": float(m[k]) for k in ("loss", "grad_norm", "update_norm")}}
                   for i, m in enumerate(host)], self.workdir, self.last_saved)
-    rec = {"step": step, **{f"train/{k}": float(np.mean([m[k] for m in host]))
-                            for k in ("loss", "grad_norm", "lr", "accuracy")}}
+    # The standard four, and whatever else the task's loss reports (DPO's margins, log-probs).
+    keys = ("loss", "grad_norm", "lr", "accuracy",
+            *[k for k in host[0] if k not in _NOT_LOGGED_AS_MEANS])
+    rec = {"step": step, **{f"train/{k}": float(np.mean([m[k] for m in host])) for k in keys}}
     timed = host[self.untimed:]
     if timed:
       tokens_per_s = float(sum(m["tokens"] for m in timed)) / max(now - self.t_last, 1e-9)
