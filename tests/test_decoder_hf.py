@@ -205,3 +205,15 @@ def test_published_config_files_read_as_transformers_reads_them():
   assert out["attention_bias"] and not out["attention_out_bias"] and out["sliding_window"] == 0
   with pytest.raises(ValueError, match=r"rope_scaling=.*yarn.*default, linear and llama3"):
     hf.model_overrides({**llama, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_sharded_safetensors_load(causal, tmp_path):
+  """A checkpoint saved in several safetensors shards (model.safetensors.index.json) loads as
+  the single file does."""
+  architecture, model, path = causal
+  model.save_pretrained(tmp_path, max_shard_size="40KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  _, whole = _jaxft(path, architecture)
+  _, sharded = _jaxft(str(tmp_path), architecture)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(sharded)):
+    np.testing.assert_array_equal(a, b)

@@ -2,14 +2,14 @@
 configs/dpo.py) and tests: generated, never downloaded, the same for a seed on every machine.
 
 Four string tasks a small model can learn from scratch in minutes and be scored on exactly:
-uppercase a word, reverse it, sort its letters, repeat it twice. Words are random lowercase
-strings, so held-out instructions are new words, not memorised ones. Conversations use a
+uppercase a word, capitalise it, reverse it, repeat it twice. Words are random strings of
+distinct lowercase letters, so held-out instructions are new words, not memorised ones. Conversations use a
 character-level tokenizer with ChatML special tokens and chat template (Qwen's format), so the
 demo exercises the same path as a Hugging Face instruct model: template, special tokens,
 end-of-turn EOS, loss on assistant tokens only.
 
 Preference pairs (DPO) hold the right answer as `chosen` and a plausible mistake as `rejected`
-(the word unchanged, half done, sorted backwards, said once).
+(the word unchanged, half uppercased, said once).
 """
 
 import json
@@ -24,7 +24,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 
 from jaxft.data.text_builder import default_data_dir
 
-VERSION = 2  # bump when what a seed generates changes (cached datasets rebuild)
+VERSION = 3  # bump when what a seed generates changes (cached datasets rebuild)
 SYSTEM = "Answer with the result only."
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 # ChatML as Qwen 2.5 writes it, without its tool-calling branches.
@@ -36,16 +36,17 @@ CHAT_TEMPLATE = (
 
 
 def _word(rng: random.Random) -> str:
-  return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+  # Distinct letters: an answer's next character is always found by looking up the one it
+  # has just written, which a small model learns within minutes.
+  return "".join(rng.sample(string.ascii_lowercase, rng.randint(3, 6)))
 
 
 # task -> (instruction for a word, the answer, a plausible wrong answer)
 TASKS = {
     "upper": (lambda w: f"Uppercase: {w}", str.upper,
               lambda w: w[: len(w) // 2].upper() + w[len(w) // 2:]),
+    "capitalize": (lambda w: f"Capitalize: {w}", str.capitalize, lambda w: w),
     "reverse": (lambda w: f"Reverse: {w}", lambda w: w[::-1], lambda w: w),
-    "sort": (lambda w: f"Sort the letters: {w}", lambda w: "".join(sorted(w)),
-             lambda w: "".join(sorted(w, reverse=True))),
     "twice": (lambda w: f"Repeat twice: {w}", lambda w: f"{w} {w}", lambda w: w),
 }
 
@@ -61,12 +62,12 @@ def _instruction(rng: random.Random):
 
 
 def chats(n: int, seed: int) -> list[dict]:
-  """n conversations: a system prompt in half of them, two exchanges in a quarter."""
+  """n conversations: a system prompt in a third of them, two exchanges in a fifth."""
   rng = random.Random(seed)
   out = []
   for _ in range(n):
-    messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.5 else []
-    for _ in range(2 if rng.random() < 0.25 else 1):
+    messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 1 / 3 else []
+    for _ in range(2 if rng.random() < 0.2 else 1):
       question, answer, _ = _instruction(rng)
       messages += [{"role": "user", "content": question},
                    {"role": "assistant", "content": answer}]

@@ -13,7 +13,7 @@ from jaxft.peft.base import Method, logical_names, module_path, peft_variable
 
 class Adapter(Method):
   name = "adapter"
-  default_targets = r"attn/out$|mlp/proj$"
+  default_targets = r"attn/out$|mlp/(proj|down)$"  # GPT-2 / BERT proj; the decoders' down
   default_lr = 1e-3
 
   def intercept(self, f, args, kwargs, context, *, deterministic: bool):
