@@ -4,8 +4,8 @@
         [--config.init_from=HF_DIR] [--config.data.train=chats.jsonl] [--config.peft.method=lora]
 
 Variants:
-  default  CPU demo on generated instructions with checkable answers (uppercase, reverse, sort,
-           repeat a random word; jaxft/data/synthetic_instructions.py): a small Llama from
+  default  CPU demo on generated instructions with checkable answers (uppercase, capitalise,
+           reverse, repeat a random word; jaxft/data/synthetic_instructions.py): a small Llama from
            scratch with a character-level ChatML tokenizer; prints held-out exact-match
            accuracy before and after (docs/llm.md)
   chat     your model and data: --config.init_from=/models/Qwen2.5-0.5B-Instruct (any local

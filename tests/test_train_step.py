@@ -342,3 +342,36 @@ def test_scan_over_layers_trains_exactly_like_the_layer_loop(reference, remat):
   assert kernel.addressable_shards[0].data.size == kernel.size // 4  # fsdp x tensor
   # and the trained weights are the plain model's, layer by layer (in HF's per-layer names)
   assert_same_training(losses, params, reference, flatten=lambda p: hf.to_hf_tensors(p["params"]))
+
+
+def _llama_config():
+  from configs import llama
+  config = llama.get_config("tiny")
+  config.model.update(vocab_size=512, hidden_size=48, intermediate_size=64, head_dim=8,
+                      num_attention_heads=6, num_key_value_heads=2, sliding_window=6,
+                      layer_types=("sliding_attention", "full_attention"), qk_norm=True,
+                      tie_word_embeddings=False)
+  config.seq_len, config.batch_size, config.optim.warmup_steps = 16, 8, 0
+  return config
+
+
+def test_decoder_trains_alike_on_every_kind_of_mesh():
+  """The Llama-style decoder (GQA with 2 KV heads, which tensor parallelism over 4 cannot
+  split: replicated) on FSDP x tensor meshes: the single device's losses and params."""
+  config = _llama_config()
+  config.mesh.data = 1
+  losses, params, _, initial = run_steps(config, jax.devices()[:1])
+  for data, fsdp, tensor in ((1, 8, 1), (2, 1, 4), (2, 2, 2)):
+    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
+    got, got_params, _, _ = run_steps(config, jax.devices())
+    assert_same_training(got, got_params, (losses, params, initial))
+
+
+def test_decoder_weight_decay_skips_every_norm_and_the_embeddings():
+  from flax import linen as nn
+  config = _llama_config()
+  task = tasks.make_task(config)
+  params = nn.unbox(task.init(jax.random.key(0), config.seq_len))["params"]
+  decayed = {k for k, v in trees.flat(optim.weight_decay_mask(params, config.optim)).items()
+             if v}
+  assert decayed == {k for k in trees.flat(params) if k[-1] == "kernel"}, decayed

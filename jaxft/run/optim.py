@@ -24,9 +24,10 @@ def lr_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
 
 
 _EMBEDDING = re.compile(r"(^|/)(wte|wpe|embedding|word_embeddings|position_embeddings)(/|$)")
-# GPT-2's ln_1/ln_2/ln_f, BERT's ln/ln_embed/mlm_ln, and biases incl. the MLM head's mlm_bias.
+# GPT-2's ln_1/ln_2/ln_f, BERT's ln/ln_embed/mlm_ln, the decoders' ln_attn/.../norm and q/k
+# query_norm/key_norm, and biases incl. the MLM head's mlm_bias.
 _NORM_OR_BIAS = re.compile(
-    r"(^|/)(ln|ln_\w+|\w+_ln|layer_?norm\w*|LayerNorm)(/|$)|(^|/)(\w+_)?bias$")
+    r"(^|/)(ln|ln_\w+|\w+_ln|norm|\w+_norm|layer_?norm\w*|LayerNorm)(/|$)|(^|/)(\w+_)?bias$")
 
 
 def weight_decay_mask(params, optim_cfg):
