@@ -3,7 +3,10 @@ configs/dpo.py) and tests: generated, never downloaded, the same for a seed on e
 
 Four string tasks a small model can learn from scratch in minutes and be scored on exactly:
 uppercase a word, capitalise it, reverse it, repeat it twice. Words are random strings of
-distinct lowercase letters, so held-out instructions are new words, not memorised ones. Conversations use a
+WORD_LENGTH distinct lowercase letters (26P5 = 7.9M of them), so held-out instructions are new
+words, not memorised ones; a fixed length puts each answer character at a fixed distance from
+its source, which a small model finds within minutes (with lengths varying it has to learn
+content lookups first, which took it thousands of steps). Conversations use a
 character-level tokenizer with ChatML special tokens and chat template (Qwen's format), so the
 demo exercises the same path as a Hugging Face instruct model: template, special tokens,
 end-of-turn EOS, loss on assistant tokens only.
@@ -24,7 +27,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 
 from jaxft.data.text_builder import default_data_dir
 
-VERSION = 3  # bump when what a seed generates changes (cached datasets rebuild)
+VERSION = 4  # bump when what a seed generates changes (cached datasets rebuild)
 SYSTEM = "Answer with the result only."
 IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 # ChatML as Qwen 2.5 writes it, without its tool-calling branches.
@@ -35,10 +38,11 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
+WORD_LENGTH = 5
+
+
 def _word(rng: random.Random) -> str:
-  # Distinct letters: an answer's next character is always found by looking up the one it
-  # has just written, which a small model learns within minutes.
-  return "".join(rng.sample(string.ascii_lowercase, rng.randint(3, 6)))
+  return "".join(rng.sample(string.ascii_lowercase, WORD_LENGTH))
 
 
 # task -> (instruction for a word, the answer, a plausible wrong answer)
