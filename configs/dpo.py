@@ -49,6 +49,6 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.num_epochs = 0
     c.num_steps = 200
     c.lm_loss_chunk = 0
-    c.optim.update(lr=1e-4, warmup_steps=10, warmup_fraction=0.0, weight_decay=0.0)
+    c.optim.update(lr=1e-5, warmup_steps=10, warmup_fraction=0.0, weight_decay=0.0)
     c.eval_every = 50
   return c

@@ -156,8 +156,11 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.variant = variant
   if variant in SHAPES:
     c.model.update(SHAPES[variant])
-    c.model.update(dtype="bfloat16", scan_layers=True, remat="dots")
+    # What fits a slice (docs/llm-compile.md: Llama 3.1 8B at 32 x 8192 on a v5p-8, remat
+    # full); raise grad_accum_steps for larger batches. splash attention on TPU.
+    c.model.update(dtype="bfloat16", scan_layers=True, remat="full")
     c.seq_len = 4096 if variant == "gemma2-2b" else 8192
+    c.batch_size = 32
     c.mesh.update(data=1, fsdp=-1)
   elif variant == "default":
     # CPU demo: a small Llama (GQA 4/2, SwiGLU) on Shakespeare with GPT-2's BPE.

@@ -97,6 +97,17 @@ def chat_template(run) -> str | None:
   return None
 
 
+def chat_answers(run, conversations: list[list[dict]], **sampling) -> list[str]:
+  """The assistant's next message for each conversation: the chat template with its
+  generation prompt, decoding until any of the tokenizer's EOS ids."""
+  tok = run.tokenizer()
+  template = chat_template(run)
+  ids = [chat.encode_conversation(tok, c, template=template, add_generation_prompt=True)[0]
+         for c in conversations]
+  outs = generation.generate(run.model, run.variables, ids, eos_id=tok.eos_ids, **sampling)
+  return [tok.decode(o) for o in outs]
+
+
 _NO_PROMPTS = "give --prompt (repeatable) or --prompts_file; --prompt '' samples unconditionally"
 
 
@@ -130,16 +141,11 @@ def main(argv):
     with cli.user_errors("generate"):
       conversations = read_chats(f.chat, f.system, f.chats_file)
       run = open_generator(f.workdir or f.init_from, f.step)
-      tok = run.tokenizer()
-      template = chat_template(run)
-      ids = [chat.encode_conversation(tok, c, template=template, add_generation_prompt=True)[0]
-             for c in conversations]
-      outs = generation.generate(run.model, run.variables, ids, max_new_tokens=f.max_new_tokens,
-                                 temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-                                 seed=f.seed, eos_id=tok.eos_ids)
-    for i, (c, out) in enumerate(zip(conversations, outs)):
-      print(f"=== chat {i} ===\n{c[-1]['role']}: {c[-1]['content']}\nassistant: "
-            f"{tok.decode(out)}")
+      answers = chat_answers(run, conversations, max_new_tokens=f.max_new_tokens,
+                             temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                             seed=f.seed)
+    for i, (c, answer) in enumerate(zip(conversations, answers)):
+      print(f"=== chat {i} ===\n{c[-1]['role']}: {c[-1]['content']}\nassistant: {answer}")
     return
   if f.prompts_file and not os.path.isfile(f.prompts_file):
     raise app.UsageError(f"--prompts_file={f.prompts_file} is not a file")

@@ -133,3 +133,9 @@ def test_sft_run_end_to_end_then_chat(tmp_path, char_tokenizer, capsys):
   tok = run.tokenizer()
   assert tok.eos_ids[:2] == (tok.backend.token_to_id("<|im_end|>"),
                              tok.backend.token_to_id("<|endoftext|>"))
+  chats = generate.read_chats(["Reverse: abcde", "Uppercase: xyzuv"], "Be brief.", None)
+  answers = generate.chat_answers(run, chats, max_new_tokens=6, temperature=0.0)
+  # The same greedy answers as the task's own held-out answering (one code path for both).
+  assert answers == run.task.answer(run.variables, [c + [{"role": "assistant", "content": ""}]
+                                                    for c in chats], 6)
+  assert all("<|im_end|>" not in a for a in answers)  # decoding stopped at the end of turn
