@@ -70,6 +70,24 @@ def set_fields(config, overrides: dict):
   return config
 
 
+def cached_logits(model, variables, tokens, positions, prefill: int):
+  """Logits [B, T, V] of `tokens` decoded through the KV cache: the first `prefill` tokens at
+  once, then one token a step (what jaxft.generate does)."""
+  import jax.numpy as jnp
+
+  from jaxft.models import generation
+  ones = jnp.ones_like(tokens)
+  cache = generation._empty_cache(model, tokens.shape[0], tokens.shape[1])
+  out, start = [], 0
+  for end in [prefill, *range(prefill + 1, tokens.shape[1] + 1)]:
+    logits, mutated = model.apply({**variables, "cache": cache}, tokens[:, start:end],
+                                  positions[:, start:end], ones[:, start:end], decode=True,
+                                  mutable=["cache"])
+    cache, start = mutated["cache"], end
+    out.append(logits)
+  return jnp.concatenate(out, axis=1)
+
+
 # -- fine-tuning: a tiny random BERT with all-MiniLM-L6-v2's tokenizer, keyword topics --------
 
 TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -9,8 +9,7 @@ import pytest
 
 from configs import llama as llama_configs
 from jaxft import peft, tasks, trees
-from jaxft.models import generation
-from tests.helpers import set_fields
+from tests.helpers import cached_logits, set_fields
 from tests.test_peft import init_variables, perturb
 
 METHODS = ["lora", "adalora", "adapter", "prefix", "prompt"]
@@ -50,16 +49,8 @@ def test_every_method_on_the_decoder(method, scan_layers):
   assert np.abs(np.asarray(full - base)).max() > 1e-3  # the method changes the model
 
   # Prefill 5 tokens, then one at a time through the GQA / sliding-window cache.
-  cache = generation._empty_cache(model, 2, 8)
-  logits, mutated = model.apply({**variables, "cache": cache}, tokens[:, :5], positions[:, :5],
-                                ones[:, :5], decode=True, mutable=["cache"])
-  cached = [logits]
-  for i in range(5, 8):
-    logits, mutated = model.apply({**variables, "cache": mutated["cache"]}, tokens[:, i:i + 1],
-                                  positions[:, i:i + 1], ones[:, i:i + 1], decode=True,
-                                  mutable=["cache"])
-    cached.append(logits)
-  np.testing.assert_allclose(np.concatenate(cached, axis=1), full, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(cached_logits(model, variables, tokens, positions, 5), full,
+                             atol=1e-5, rtol=0)
 
   if method in ("lora", "adalora"):  # merged: a plain decoder with the same outputs
     merged = task.peft.merge(variables)

@@ -163,16 +163,8 @@ def test_decoding_with_kv_cache_equals_full_recompute(method, scan_layers):
   base = task.model.apply({"params": variables["params"]}, tokens, positions, ones)
   assert np.abs(np.asarray(full - base)).max() > 1e-3  # the method changes the model
 
-  cache = generation._empty_cache(model, 2, 8)
-  logits, mutated = model.apply({**variables, "cache": cache}, tokens[:, :5], positions[:, :5],
-                                ones[:, :5], decode=True, mutable=["cache"])
-  cached = [logits]
-  for i in range(5, 8):
-    logits, mutated = model.apply({**variables, "cache": mutated["cache"]}, tokens[:, i:i + 1],
-                                  positions[:, i:i + 1], ones[:, i:i + 1], decode=True,
-                                  mutable=["cache"])
-    cached.append(logits)
-  np.testing.assert_allclose(np.concatenate(cached, axis=1), full, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(helpers.cached_logits(model, variables, tokens, positions, 5),
+                             full, atol=1e-5, rtol=0)
   # and jaxft.generate, which decodes that way, follows the full model's argmax
   out = generation.generate(model, variables, [[5, 9, 11]], max_new_tokens=4, temperature=0)[0]
   seq = jnp.asarray([[5, 9, 11, *out[:-1]]], jnp.int32)

@@ -14,6 +14,7 @@ from configs import sft as sft_configs
 from jaxft import tasks
 from jaxft.data import chat_records, packing, synthetic_instructions
 from jaxft.data.errors import BadInputError
+from tests.helpers import set_fields
 
 CHATS = [
     {"messages": [{"role": "system", "content": "Be brief."},
@@ -40,13 +41,7 @@ def _config(tmp_path, tokenizer, **fields):
   config.data.data_dir = str(tmp_path / "tfds")
   config.model.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
-  for key, value in fields.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
+  return set_fields(config, fields)
 
 
 def _write(path, records):
