@@ -30,10 +30,10 @@ def _task(method, scan_layers=False):
   return tasks.make_task(config)
 
 
-@pytest.mark.parametrize("method,scan_layers", [(m, False) for m in METHODS]
-                         + [("lora", True), ("prefix", True)])
-def test_every_method_on_the_decoder(method, scan_layers):
-  task = _task(method, scan_layers)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_the_decoder(method):
+  """(The scanned layout with PEFT: tests/test_peft.py, tests/test_peft_hf_adapter.py.)"""
+  task = _task(method)
   variables = perturb(init_variables(task), scale=0.3)
   targeted = {"/".join(k[:-1]) for k in trees.flat(variables[peft.COLLECTION])}
   if method in ("lora", "adalora"):  # q, k, v, o and gate, up, down of every layer

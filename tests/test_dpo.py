@@ -16,6 +16,7 @@ from configs import dpo as dpo_configs
 from jaxft import hf, tasks
 from jaxft.data import synthetic_instructions
 from jaxft.run import loader
+from tests.helpers import eval_outputs, open_trained
 
 PAIRS = [
     {"prompt": [{"role": "system", "content": "Be brief."},
@@ -122,7 +123,6 @@ def test_loss_equals_the_formula_on_transformers_log_probs(models, tmp_path, lab
 
 
 def test_lora_dpo_run_end_to_end(models, tmp_path, capsys):
-  from jaxft import evaluate
   from jaxft.training import train_and_evaluate
 
   (ref_dir, _), _ = models
@@ -138,6 +138,8 @@ def test_lora_dpo_run_end_to_end(models, tmp_path, capsys):
   logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in logged if "train/margin" in r]
   assert train and all(np.isfinite(r["train/chosen_logp"]) for r in train)
-  # Evaluation reopens the run: the reference log-probs come back from the workdir.
-  again = evaluate.evaluate_run(str(workdir), "validation")
+  # Opening the run (as jaxft.evaluate does) reads the reference log-probs back.
+  _, task, variables = open_trained(workdir)
+  again = task.summarize(eval_outputs(task, variables, task.eval_batches("validation")))
   assert again["reward_accuracy"] == pytest.approx(val["reward_accuracy"])
+  assert again["margin"] == pytest.approx(val["margin"], rel=1e-4, abs=1e-6)
