@@ -31,7 +31,7 @@ from jaxft.models.lm_loss import lm_head_cross_entropy
 from jaxft.tasks.base import Task
 from jaxft.tasks.causal_lm import CausalLM, token_cross_entropy
 from jaxft.tasks.labeled import LabeledTask
-from jaxft.tasks.sft import trim_trailing_whitespace
+from jaxft.tasks.sft import encode_text_pair, trim_trailing_whitespace
 
 log = logging.getLogger("jaxft")
 REFERENCE_FILE = "dpo_reference.npz"
@@ -105,12 +105,7 @@ class PreferenceTuning(LabeledTask, CausalLM):
         answers = sum(m["role"] == "assistant" for m in example[side])
         out[side] = (ids, last_runs(learned, answers))
       return out
-    bos = [tok.special_id("bos_token")] if "bos_token" in tok.special else []
-    prompt = bos + tok.encode(example["prompt"])
-    for side in _SIDES:
-      completion = tok.encode(example[side]) + [tok.eos_id]
-      out[side] = (prompt + completion, [False] * len(prompt) + [True] * len(completion))
-    return out
+    return {side: encode_text_pair(tok, example["prompt"], example[side]) for side in _SIDES}
 
   def featurize(self, examples, split: str, with_labels: bool = True):
     del with_labels

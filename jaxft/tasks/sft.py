@@ -42,6 +42,14 @@ def _sft_settings(config) -> tuple[str, str]:
   return loss_on, sft.get("chat_template", "") or ""
 
 
+def encode_text_pair(tok, prompt: str, completion: str) -> tuple[list[int], list[bool]]:
+  """Plain text, no chat template: (BOS +) prompt + completion + EOS, the completion and EOS
+  learned (SFT's prompt/completion records, DPO's text pairs)."""
+  bos = [tok.special_id("bos_token")] if "bos_token" in tok.special else []
+  head, tail = bos + tok.encode(prompt), tok.encode(completion) + [tok.eos_id]
+  return head + tail, [False] * len(head) + [True] * len(tail)
+
+
 def trim_trailing_whitespace(tok, ids: list[int], learned: list[bool]) -> list[bool]:
   """Unlearns the whitespace a template writes after an answer's end-of-turn token (ChatML's
   "<|im_end|>\n"): generation stops at the end-of-turn token and never produces it."""
@@ -88,10 +96,7 @@ class InstructionTuning(LabeledTask, CausalLM):
                                               template=self.template or None)
       learned = trim_trailing_whitespace(tok, ids, learned)
     else:
-      bos = [tok.special_id("bos_token")] if "bos_token" in tok.special else []
-      prompt, completion = tok.encode(example["prompt"]), tok.encode(example["completion"])
-      ids = bos + prompt + completion + [tok.eos_id]
-      learned = [False] * (len(bos) + len(prompt)) + [True] * (len(completion) + 1)
+      ids, learned = encode_text_pair(tok, example["prompt"], example["completion"])
     if self.loss_on == "all":
       learned = [True] * len(ids)
     return ids, learned
