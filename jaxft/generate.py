@@ -29,11 +29,12 @@ import os
 
 from absl import app, flags
 
-from jaxft.data import chat, textio
+from jaxft.data import textio
 from jaxft.data.chat_records import check_messages
 from jaxft.data.textio import ENCODING_ERRORS, FLAGS_UTF8, Encoding, json_value
+from jaxft.inference.generating import chat_answers, open_generator
 from jaxft.models import generation
-from jaxft.run import cli, loader
+from jaxft.run import cli
 
 
 def _define_flags() -> None:
@@ -62,16 +63,6 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "sampling seed")
 
 
-def open_generator(path: str, step: int | None = None) -> loader.Run:
-  """A run that can generate: a causal LM (jaxft workdir, adapter directory or HF directory)."""
-  run = loader.open_run(path, step=step)
-  if not run.task.generative:
-    raise ValueError(f"{path} holds a {run.config.task} model; generation needs a causal LM "
-                     "(a run of configs/gpt2.py, llama.py, sft.py or dpo.py, or a Hugging Face "
-                     "*ForCausalLM directory)")
-  return run
-
-
 def read_chats(chats: list[str], system: str | None, chats_file: str | None) -> list[list]:
   """--chat messages and --chats_file lines -> conversations (lists of messages)."""
   head = [{"role": "system", "content": system}] if system else []
@@ -86,26 +77,6 @@ def read_chats(chats: list[str], system: str | None, chats_file: str | None) -> 
       messages = value.get("messages") if isinstance(value, dict) else value
       conversations.append(check_messages(messages, chats_file, n))
   return conversations
-
-
-def chat_template(run) -> str | None:
-  """The run's own template (an SFT / DPO config's chat_template), else the tokenizer's."""
-  for block in ("sft", "dpo"):
-    template = run.config.get(block, {}).get("chat_template", "")
-    if template:
-      return template
-  return None
-
-
-def chat_answers(run, conversations: list[list[dict]], **sampling) -> list[str]:
-  """The assistant's next message for each conversation: the chat template with its
-  generation prompt, decoding until any of the tokenizer's EOS ids."""
-  tok = run.tokenizer()
-  template = chat_template(run)
-  ids = [chat.encode_conversation(tok, c, template=template, add_generation_prompt=True)[0]
-         for c in conversations]
-  outs = generation.generate(run.model, run.variables, ids, eos_id=tok.eos_ids, **sampling)
-  return [tok.decode(o) for o in outs]
 
 
 _NO_PROMPTS = "give --prompt (repeatable) or --prompts_file; --prompt '' samples unconditionally"

@@ -13,14 +13,16 @@ PACKAGE = os.path.join(ROOT, "jaxft")
 LAYERS = (
     ("jaxft.trees", "jaxft.parallel"),
     ("jaxft.models",),
-    ("jaxft.peft",),
+    ("jaxft.peft", "jaxft.quant"),
     ("jaxft.hf",),
     ("jaxft.data",),
     ("jaxft.tasks",),
     ("jaxft.run",),
     ("jaxft.training", "jaxft.inference"),
+    ("jaxft.serve", "jaxft.trimming"),
     ("jaxft.bench", "jaxft.train", "jaxft.evaluate", "jaxft.predict", "jaxft.generate",
-     "jaxft.export", "jaxft.prompt_eval"),
+     "jaxft.export", "jaxft.prompt_eval",
+     "jaxft.quantize", "jaxft.trim"),
 )
 # Function-local imports are for heavy optional dependencies only (each with a comment saying
 # so); everything else is imported at the top of its module, where this test sees the order.

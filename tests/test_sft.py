@@ -110,6 +110,7 @@ def test_sft_run_end_to_end_then_chat(tmp_path, char_tokenizer, capsys):
   """A few steps on user files: before/after answers, validation loss, then generate --chat
   on the workdir (chat template, stop at <|im_end|>)."""
   from jaxft import generate
+  from jaxft.inference import generating
   from jaxft.training import train_and_evaluate
 
   records = synthetic_instructions.chats(120, seed=1)
@@ -124,12 +125,12 @@ def test_sft_run_end_to_end_then_chat(tmp_path, char_tokenizer, capsys):
   assert np.isfinite(val["loss"])
   answers = json.loads((tmp_path / "run" / "answers.json").read_text())
   assert answers["answers"] == 4 and len(answers["samples"]) == 3
-  run = generate.open_generator(workdir)
+  run = generating.open_generator(workdir)
   tok = run.tokenizer()
   assert tok.eos_ids[:2] == (tok.backend.token_to_id("<|im_end|>"),
                              tok.backend.token_to_id("<|endoftext|>"))
   chats = generate.read_chats(["Reverse: abcde", "Uppercase: xyzuv"], "Be brief.", None)
-  answers = generate.chat_answers(run, chats, max_new_tokens=6, temperature=0.0)
+  answers = generating.chat_answers(run, chats, max_new_tokens=6, temperature=0.0)
   # The same greedy answers as the task's own held-out answering (one code path for both).
   assert answers == run.task.answer(run.variables, [c + [{"role": "assistant", "content": ""}]
                                                     for c in chats], 6)

@@ -42,14 +42,20 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     kth_largest = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
     logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
   if sampling.top_p < 1:
-    sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)  # descending
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # A token stays if the tokens ranked above it hold less than top_p: the most likely one
-    # always stays, and the kept set is the smallest whose mass reaches top_p.
-    kept = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
-    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    logits = nucleus_filter(logits, sampling.top_p)
   return logits
+
+
+def nucleus_filter(logits: jax.Array, top_p) -> jax.Array:
+  """logits [B, V] with the tokens outside the top-p nucleus set to -inf; `top_p` a number or
+  per-row values [B, 1] (the server's requests each bring their own)."""
+  sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)  # descending
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # A token stays if the tokens ranked above it hold less than top_p: the most likely one
+  # always stays, and the kept set is the smallest whose mass reaches top_p.
+  kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+  threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -60,7 +66,31 @@ def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
   return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 
-def _empty_cache(model: nn.Module, batch: int, length: int):
+def sample_rows(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperature: jax.Array,
+                top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Next token ids [B] from logits [B, V], each row with its own sampling settings [B] (the
+  server's requests): row b draws exactly what `sample_tokens` draws for that row alone with
+  key fold_in(key(seeds[b]), steps[b]) and Sampling(temperature[b], top_k[b], top_p[b])."""
+  logits = logits.astype(jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+
+  def filtered(x):
+    v = x.shape[-1]
+    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)  # v: keep every token
+    kth = jnp.take_along_axis(jnp.flip(jnp.sort(x, axis=-1), axis=-1), (k - 1)[:, None], -1)
+    x = jnp.where(x < kth, -jnp.inf, x)
+    # top_p == 1 must keep every token (a rounded cumulative sum can reach 1 early).
+    return jnp.where((top_p < 1)[:, None], nucleus_filter(x, top_p[:, None]), x)
+
+  # The sorts cost more than a small model's step: skipped when no row filters.
+  scaled = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), filtered, lambda x: x, scaled)
+  keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
+  drawn = jax.vmap(lambda k, x: jax.random.categorical(k, x[None], axis=-1)[0])(keys, scaled)
+  return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+def empty_cache(model: nn.Module, batch: int, length: int):
   """Zeroed KV caches with room for `length` tokens per row (shapes from an abstract init)."""
   dummy = jnp.zeros((batch, length), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy, decode=True))
@@ -81,7 +111,7 @@ def _generate(model, variables, tokens, lengths, key, *, max_new_tokens: int, sa
   segment_ids = (column >= n_pad).astype(jnp.int32)  # 0 = left padding
   positions = jnp.maximum(column - n_pad, 0)
   # The last sampled token is never fed back, hence max_new_tokens - 1 decode slots.
-  cache = _empty_cache(model, b, p + max_new_tokens - 1)
+  cache = empty_cache(model, b, p + max_new_tokens - 1)
   fill = eos_ids[0] if eos_ids else 0
   stops = jnp.asarray(eos_ids or (-1,), jnp.int32)
   is_eos = lambda t: jnp.any(t[:, None] == stops[None, :], axis=-1)  # noqa: E731

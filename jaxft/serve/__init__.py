@@ -1,0 +1,1 @@
+"""The HTTP inference server (python -m jaxft.serve)."""
