@@ -77,7 +77,7 @@ def cached_logits(model, variables, tokens, positions, prefill: int):
 
   from jaxft.models import generation
   ones = jnp.ones_like(tokens)
-  cache = generation._empty_cache(model, tokens.shape[0], tokens.shape[1])
+  cache = generation.empty_cache(model, tokens.shape[0], tokens.shape[1])
   out, start = [], 0
   for end in [prefill, *range(prefill + 1, tokens.shape[1] + 1)]:
     logits, mutated = model.apply({**variables, "cache": cache}, tokens[:, start:end],

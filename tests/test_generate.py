@@ -43,7 +43,7 @@ def test_incremental_decoding_equals_full_forward_with_left_padding(model_and_pa
   segments = (column >= (p - lengths)[:, None]).astype(np.int32)
   positions = np.maximum(column - (p - lengths)[:, None], 0)
 
-  cache = generation._empty_cache(model, 2, p + n)
+  cache = generation.empty_cache(model, 2, p + n)
   step = jax.jit(lambda cache, t, pos, seg: model.apply(
       {"params": params, "cache": cache}, t, pos, seg, decode=True, mutable=["cache"]))
   logits, vars_ = step(cache, tokens, positions, segments)
