@@ -30,6 +30,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "the run or Hugging Face directory to serve",
                       required=True)
   flags.DEFINE_integer("step", None, "checkpoint step (default: the best, else the latest)")
+  flags.DEFINE_integer("seq_len", 0, "encoders from a Hugging Face directory: tokens per row "
+                       "(0: the task's default; a jaxft run keeps its own)")
   flags.DEFINE_string("model_name", "", "the model id clients name (default: the directory's)")
   flags.DEFINE_string("host", "127.0.0.1", "address to bind; non-loopback needs --api_key_file "
                       "or --insecure")

@@ -42,6 +42,7 @@ class Settings:
   """What `python -m jaxft.serve` is told (its flags carry the same names)."""
   workdir: str
   step: int | None = None
+  seq_len: int = 0  # encoder rows of a Hugging Face directory (0: the task's default)
   model_name: str = ""  # default: the directory's name
   slots: int = 8  # KV-cache slots decoded together
   max_len: int = 0  # tokens per request (prompt + new); 0: the model's context
@@ -90,7 +91,7 @@ class Server:
     if embeddings.is_headless_bert(s.workdir):  # e.g. all-MiniLM-L6-v2: embeddings only
       self._start_encoders(s.workdir)
       return
-    self.run = loader.open_run(s.workdir, step=s.step)
+    self.run = loader.open_run(s.workdir, step=s.step, seq_len=s.seq_len or None)
     if self.run.task.generative:
       tok = self.run.tokenizer()
       context = self.run.task.model.cfg.context_length
@@ -107,7 +108,7 @@ class Server:
     s = self.settings
     service = encoders.make_encoder_service(
         run_or_path, max_batch=s.encoder_max_batch, max_wait_ms=s.encoder_max_wait_ms,
-        max_queue=s.encoder_max_queue)
+        max_queue=s.encoder_max_queue, seq_len=s.seq_len or None)
     service.warmup()
     service.start()
     self.encoders = service
