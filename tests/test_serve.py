@@ -227,3 +227,14 @@ def test_api_key_and_readiness(lm_dir):
     assert call(app, "GET", "/readyz").status_code == 503
   finally:
     app.state.server.stop()
+
+
+def test_a_json_body_curl_labels_as_a_form_is_read_as_json(served):
+  async def go():
+    transport = httpx.ASGITransport(app=served)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+      return await client.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 2}',
+                               headers={"content-type": "application/x-www-form-urlencoded"})
+  r = asyncio.run(go())
+  assert r.status_code == 200, r.text
+  assert r.json()["object"] == "text_completion"

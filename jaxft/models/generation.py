@@ -83,10 +83,14 @@ def sample_rows(logits: jax.Array, seeds: jax.Array, steps: jax.Array, temperatu
     # top_p == 1 must keep every token (a rounded cumulative sum can reach 1 early).
     return jnp.where((top_p < 1)[:, None], nucleus_filter(x, top_p[:, None]), x)
 
-  # The sorts cost more than a small model's step: skipped when no row filters.
-  scaled = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), filtered, lambda x: x, scaled)
-  keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
-  drawn = jax.vmap(lambda k, x: jax.random.categorical(k, x[None], axis=-1)[0])(keys, scaled)
+  def draw(x):
+    # The sorts cost more than a small model's step: skipped when no row filters.
+    x = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), filtered, lambda x: x, x)
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
+    return jax.vmap(lambda k, x: jax.random.categorical(k, x[None], axis=-1)[0])(keys, x)
+
+  # So is the Gumbel noise of a [B, V] draw: skipped when every row is greedy.
+  drawn = jax.lax.cond(jnp.any(temperature > 0), draw, lambda x: greedy, scaled)
   return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 

@@ -72,6 +72,12 @@ class Guard:
         await refuse(413, f"the request body has {int(length)} bytes; this server takes at "
                      f"most {self.max_body_bytes} (--max_body_bytes)")
         return
+      if path.startswith("/v1/") and headers.get(b"content-type", b"").startswith(
+          b"application/x-www-form-urlencoded"):
+        # `curl -d '{...}'` labels a JSON body as a form: read it as JSON, as OpenAI's API does.
+        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"]
+                                      if k != b"content-type"]
+                 + [(b"content-type", b"application/json")]}
       received = 0
 
       async def counted_receive():
