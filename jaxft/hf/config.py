@@ -48,7 +48,6 @@ def _gpt2_overrides(hf_config: dict) -> dict:
   n_inner = hf_config.get("n_inner")
   # Fields whose non-default values change the math jaxft implements.
   _reject(hf_config, {
-      "n_inner": n_inner not in (None, 4 * n_embd),
       "scale_attn_weights": not hf_config.get("scale_attn_weights", True),
       "scale_attn_by_inverse_layer_idx": hf_config.get("scale_attn_by_inverse_layer_idx", False),
       "add_cross_attention": hf_config.get("add_cross_attention", False),
@@ -59,6 +58,8 @@ def _gpt2_overrides(hf_config: dict) -> dict:
       "n_layer": int(hf_config.get("n_layer", 12)),
       "n_embd": int(n_embd),
       "n_head": int(hf_config.get("n_head", 12)),
+      # A trimmed GPT-2's MLP is narrower than 4 * n_embd (None: the default width).
+      "n_inner": 0 if n_inner in (None, 4 * n_embd) else int(n_inner),
       "vocab_size": int(hf_config.get("vocab_size", 50257)),
       # Old configs carry n_ctx next to n_positions; the position table is n_positions long.
       "n_positions": int(hf_config.get("n_positions", hf_config.get("n_ctx", 1024))),
@@ -138,7 +139,7 @@ def gpt2_config_dict(cfg: GPT2Config, eos_id: int | None = None,
       "n_embd": cfg.n_embd,
       "n_layer": cfg.n_layer,
       "n_head": cfg.n_head,
-      "n_inner": None,  # 4 * n_embd
+      "n_inner": cfg.n_inner or None,  # None: 4 * n_embd
       "activation_function": "gelu_new",
       "resid_pdrop": cfg.resid_pdrop,
       "embd_pdrop": cfg.embd_pdrop,

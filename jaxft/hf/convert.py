@@ -4,6 +4,7 @@ params -> an HF state dict, and a whole directory (config.json, weights, tokeniz
 Layers stacked by config.model.scan_layers are stacked / unstacked here.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -257,10 +258,55 @@ def _special_ids(tokenizer) -> dict:
   return out
 
 
+# The query/key/value kernels and biases and the output kernel of a trimmed GPT-2 / BERT, with
+# the head axis counted from the end (a scanned stack's leading layer axis shifts nothing).
+_HEAD_AXIS = {("query", "kernel"): -2, ("key", "kernel"): -2, ("value", "kernel"): -2,
+              ("query", "bias"): -2, ("key", "bias"): -2, ("value", "bias"): -2,
+              ("out", "kernel"): -3}
+
+
+def pad_pruned_heads(params: Mapping, cfg, architecture: str):
+  """(params, cfg) of a GPT-2 / BERT whose heads were pruned (head_dim set, fewer heads) with
+  zero heads appended up to hidden / head_dim: transformers derives the head size from
+  hidden / heads, so it cannot hold fewer heads. A zero query/key/value head with zero bias
+  outputs exactly 0 (its softmax weights average zero values), so the padded model computes
+  the same function. Other models are returned as they are."""
+  family = ARCHITECTURES[architecture].family
+  if family not in ("gpt2", "bert") or not getattr(cfg, "head_dim", 0):
+    return params, cfg
+  width, heads_field = (("n_embd", "n_head") if family == "gpt2"
+                        else ("hidden_size", "num_attention_heads"))
+  width, heads = getattr(cfg, width), getattr(cfg, heads_field)
+  if width % cfg.head_dim:
+    raise ValueError(f"config.model.head_dim={cfg.head_dim} does not divide the width {width}: "
+                     f"transformers' {family} cannot hold this model's heads")
+  full = width // cfg.head_dim
+  if heads == full:
+    return params, dataclasses.replace(cfg, head_dim=0)
+  leaves = {}
+  for path, x in trees.flat_paths(params).items():
+    axis = _HEAD_AXIS.get(tuple(path.split("/")[-2:])) if "/attn/" in path else None
+    if axis is not None:
+      x = np.asarray(jax.device_get(x))
+      pad = [(0, 0)] * x.ndim
+      pad[x.ndim + axis] = (0, full - heads)
+      x = np.pad(x, pad)
+    leaves[path] = x
+  log.warning("%s: the model's %d heads per layer (the rest pruned) are exported as %d, the "
+              "pruned ones as zeros (transformers' %s derives the head size from the width); "
+              "it computes the same function at the original attention cost", architecture,
+              heads, full, family)
+  return trees.unflat_paths(leaves), dataclasses.replace(cfg, head_dim=0,
+                                                        **{heads_field: full})
+
+
 def save_hf(out_dir: str, params: Mapping, cfg, tokenizer=None,
             architecture: str = "GPT2LMHeadModel", labels: list[str] | None = None) -> None:
-  """Writes config.json + model.safetensors (+ the tokenizer's files) for from_pretrained."""
+  """Writes config.json + model.safetensors (+ the tokenizer's files) for from_pretrained.
+  A GPT-2 / BERT with pruned heads is written with zero heads in their place
+  (`pad_pruned_heads`)."""
   os.makedirs(out_dir, exist_ok=True)
+  params, cfg = pad_pruned_heads(params, cfg, architecture)
   config = config_dict(cfg, tokenizer, architecture, labels)
   with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)

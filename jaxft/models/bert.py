@@ -29,6 +29,7 @@ class BertConfig:
   hidden_size: int = 768
   num_hidden_layers: int = 12
   num_attention_heads: int = 12
+  head_dim: int = 0  # 0 = hidden_size // num_attention_heads (trimmed models: heads pruned)
   intermediate_size: int = 3072
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
@@ -44,8 +45,8 @@ class BertConfig:
   attention_impl: str = "xla"  # attention.IMPLEMENTATIONS: the kernel (compute only)
 
   @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_attention_heads
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
 
   @property
   def attention_spec(self) -> attention.Spec:
@@ -56,9 +57,9 @@ class BertConfig:
 
   @property
   def flops_backbone(self) -> flops.Backbone:
-    d = self.hidden_size  # q, k, v, out: 4·d², MLP d -> ff -> d
-    return flops.Backbone(self.num_hidden_layers, d, d, 4 * d * d + 2 * d * self.intermediate_size,
-                          causal=False)
+    d, w = self.hidden_size, self.num_attention_heads * self.dim_per_head  # w = d unless trimmed
+    return flops.Backbone(self.num_hidden_layers, d, w, 4 * d * w + 2 * d * self.intermediate_size,
+                          causal=False)  # q, k, v, out: 4·d·w, MLP d -> ff -> d
 
 
 def _init(cfg: BertConfig, axes):
@@ -86,7 +87,7 @@ class Attention(nn.Module):
     """x [B, T, D]; segment_ids [B, T] (0 = padding)."""
     cfg = self.cfg
     proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (cfg.num_attention_heads, cfg.head_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        (cfg.num_attention_heads, cfg.dim_per_head), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         name=name, kernel_init=_init(cfg, ("embed", "heads", "kv")),
         bias_init=_zeros(("heads", "kv")))
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # [B, T, H, Dh]

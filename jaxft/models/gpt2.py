@@ -32,6 +32,8 @@ class GPT2Config:
   n_embd: int = 768
   n_layer: int = 12
   n_head: int = 12
+  head_dim: int = 0  # 0 = n_embd // n_head (trimmed models: heads pruned)
+  n_inner: int = 0  # the MLP width; 0 = 4 * n_embd (HF's n_inner=None)
   embd_pdrop: float = 0.1
   attn_pdrop: float = 0.1
   resid_pdrop: float = 0.1
@@ -44,8 +46,12 @@ class GPT2Config:
   attention_impl: str = "xla"  # attention.IMPLEMENTATIONS: the kernel (compute only)
 
   @property
-  def head_dim(self) -> int:
-    return self.n_embd // self.n_head
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.n_embd // self.n_head
+
+  @property
+  def mlp_width(self) -> int:
+    return self.n_inner or 4 * self.n_embd
 
   context_field = "n_positions"  # the config.model field of the context length (in messages)
 
@@ -64,8 +70,9 @@ class GPT2Config:
 
   @property
   def flops_backbone(self) -> flops.Backbone:
-    d = self.n_embd  # q, k, v, out: 4·d², MLP d -> 4d -> d: 8·d²
-    return flops.Backbone(self.n_layer, d, d, 12 * d * d, causal=True)
+    d, w = self.n_embd, self.n_head * self.dim_per_head  # w = d unless trimmed
+    # q, k, v, out: 4·d·w, MLP d -> ff -> d: 2·d·ff (12·d² for the original GPT-2)
+    return flops.Backbone(self.n_layer, d, w, 4 * d * w + 2 * d * self.mlp_width, causal=True)
 
 
 def _dense_init(cfg: GPT2Config, scale: float = 1.0):
@@ -87,7 +94,7 @@ class Attention(nn.Module):
   def __call__(self, x, segment_ids, *, deterministic: bool, decode: bool):
     cfg = self.cfg
     dense = lambda name: nn.DenseGeneral(  # noqa: E731
-        (cfg.n_head, cfg.head_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+        (cfg.n_head, cfg.dim_per_head), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
         kernel_init=_partitioned(_dense_init(cfg), ("embed", "heads", "kv")),
         bias_init=_partitioned(nn.initializers.zeros, ("heads", "kv")))
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # [B, T, H, Dh]
@@ -108,7 +115,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     cfg = self.cfg
-    h = nn.Dense(4 * cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc",
+    h = nn.Dense(cfg.mlp_width, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc",
                  kernel_init=_partitioned(_dense_init(cfg), ("embed", "mlp")),
                  bias_init=_partitioned(nn.initializers.zeros, ("mlp",)))(x)
     h = sharding.constrain(h, ("batch", "length", "act_mlp"))

@@ -112,7 +112,8 @@ def model_config(model_cfg: ml_collections.ConfigDict):
     cfg.validate()
     return cfg
   width, heads_field = family.heads_divide
-  if getattr(cfg, width) % getattr(cfg, heads_field):
+  # An explicit head_dim (a trimmed model's pruned heads) lifts the divisibility rule.
+  if not cfg.head_dim and getattr(cfg, width) % getattr(cfg, heads_field):
     raise ValueError(f"config.model.{width}={getattr(cfg, width)} must be divisible by "
                      f"config.model.{heads_field}={getattr(cfg, heads_field)}")
   return cfg
