@@ -238,3 +238,24 @@ def test_a_json_body_curl_labels_as_a_form_is_read_as_json(served):
   r = asyncio.run(go())
   assert r.status_code == 200, r.text
   assert r.json()["object"] == "text_completion"
+
+
+def test_int8_weights_at_load_serve_what_generate_draws_from_them(lm_dir):
+  from jaxft import quant
+
+  app = create_app(Settings(workdir=lm_dir, slots=2, quantize="int8"), load_in_background=False)
+  try:
+    run = app.state.server.run
+    assert run.config.quantization.bits == 8
+    float_bytes = sum(x.nbytes for x in jax.tree.leaves(
+        quant.dequantize_tree(run.variables)))
+    assert quant.weight_bytes(run.variables) < 0.3 * float_bytes
+    tok = run.tokenizer()
+    ids = tok.encode("Whether 'tis nobler")
+    r = call(app, "POST", "/v1/completions", {"prompt": "Whether 'tis nobler", "max_tokens": 8,
+                                              "temperature": 0})
+    out = generation.generate(run.model, run.variables, [ids], max_new_tokens=8,
+                              temperature=0.0, eos_id=tok.eos_ids)[0]
+    assert r.json()["choices"][0]["text"] == tok.decode(out)
+  finally:
+    app.state.server.stop()

@@ -26,7 +26,7 @@ import jax
 import ml_collections
 from flax import linen as nn
 
-from jaxft import hf, peft, tasks, trees
+from jaxft import hf, peft, quant, tasks, trees
 from jaxft.data.tokenizer import has_tokenizer, load_tokenizer
 from jaxft.hf import peft_adapter
 from jaxft.models import registry
@@ -73,6 +73,8 @@ def open_run(path: str, *, step: int | None = None, best: bool = True,
                             "Hugging Face model directory")
   if not os.path.exists(os.path.join(path, workdir_lib.CONFIG_FILE)):
     workdir_lib.load_config(path)  # raises: neither a jaxft run nor a Hugging Face directory
+  if quant.is_quantized(path):  # written by python -m jaxft.quantize
+    return _open_quantized(path, step)
   if workdir_lib.is_workdir(path):
     return _open_workdir(path, step, best, init_from)
   if step is not None:
@@ -100,6 +102,17 @@ def _open_workdir(path: str, step, best: bool, init_from: str | None) -> Run:
       base.peft.init_adapter = ""
     frozen = lay.split(initial_variables(task, base, lay))[1]
   return Run(path, config, task, trees.combine(frozen, trainable))
+
+
+def _open_quantized(path: str, step) -> Run:
+  """A quantised run: its variables hold int8 / int4 weights (jaxft.quant.QArray) that its
+  task's model (jaxft.quant.Dequantized) dequantises inside jit."""
+  if step is not None:
+    raise ValueError(f"{path} is a quantised run (python -m jaxft.quantize): it has no "
+                     "checkpoint steps; drop --step (quantise another step into a new directory)")
+  config = workdir_lib.load_config(path)
+  task = tasks.make_task(config, labels=workdir_lib.load_labels(path))
+  return Run(path, config, task, quant.load_variables(path, task))
 
 
 def one_device_layout(task) -> state_lib.Layout:
@@ -181,6 +194,10 @@ def resolve(config):
 
 def _workdir_tensors(path: str) -> dict:
   """A jaxft workdir's weights as the HF state dict of its architecture."""
+  if quant.is_quantized(path):
+    raise ValueError(f"config.init_from={path!r} is a quantised run (inference only); start "
+                     "from the float run it was made from (its config.json's "
+                     "quantization.source)")
   run = _open_workdir(path, None, True, None)
   params = run.task.peft.merge(run.variables)["params"]
   return hf.to_hf_tensors(params, run.task.architecture)

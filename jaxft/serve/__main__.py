@@ -32,6 +32,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "the run or Hugging Face directory to serve",
                       required=True)
   flags.DEFINE_integer("step", None, "checkpoint step (default: the best, else the latest)")
+  flags.DEFINE_enum("quantize", "", ["", "int8", "int4"], "quantise the weights at load "
+                    "(weight-only; or serve a run python -m jaxft.quantize wrote)")
   flags.DEFINE_integer("seq_len", 0, "encoders from a Hugging Face directory: tokens per row "
                        "(0: the task's default; a jaxft run keeps its own)")
   flags.DEFINE_string("model_name", "", "the model id clients name (default: the directory's)")

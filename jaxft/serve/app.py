@@ -18,10 +18,12 @@ import os
 import threading
 import time
 
+import jax
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from jaxft import quant, tasks
 from jaxft.run import loader
 from jaxft.serve import embeddings, encoder_routes, encoders, openai_routes
 from jaxft.serve.engine import GenerationEngine
@@ -42,6 +44,7 @@ class Settings:
   """What `python -m jaxft.serve` is told (its flags carry the same names)."""
   workdir: str
   step: int | None = None
+  quantize: str = ""  # "int8" / "int4": quantise the weights at load (jaxft/quant)
   seq_len: int = 0  # encoder rows of a Hugging Face directory (0: the task's default)
   model_name: str = ""  # default: the directory's name
   slots: int = 8  # KV-cache slots decoded together
@@ -92,6 +95,8 @@ class Server:
       self._start_encoders(s.workdir)
       return
     self.run = loader.open_run(s.workdir, step=s.step, seq_len=s.seq_len or None)
+    if s.quantize:
+      self.run = quantized(self.run, s.quantize)
     if self.run.task.generative:
       tok = self.run.tokenizer()
       context = self.run.task.model.cfg.context_length
@@ -149,6 +154,23 @@ class Server:
       raw = self.encoders.stats()
       enc = {"queue_depth": raw.get("queue_depth", 0), "occupancy": raw.get("last_occupancy", 0)}
     return gen, enc
+
+
+def quantized(run: loader.Run, scheme: str) -> loader.Run:
+  """`run` with its weights quantised in memory ("int8" / "int4"), as python -m
+  jaxft.quantize would write them."""
+  if scheme not in ("int8", "int4"):
+    raise ValueError(f"--quantize={scheme!r}: give int8 or int4")
+  if quant.is_quantized(run.path):
+    raise ValueError(f"{run.path} is quantised already; drop --quantize")
+  before = quant.weight_bytes(run.variables)
+  config, variables = quant.quantize_run(run, int(scheme[3:]))
+  task = tasks.make_task(config, labels=run.task.labels)
+  quant.attach(task)
+  variables = jax.device_put(variables, jax.local_devices()[0])
+  log.info("weights quantised to %s: %.1f MiB -> %.1f MiB", scheme, before / 2**20,
+           quant.weight_bytes(variables) / 2**20)
+  return loader.Run(run.path, config, task, variables)
 
 
 def create_app(settings: Settings, *, load_in_background: bool = True) -> FastAPI:

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from jaxft import hf
+from jaxft import hf, quant
 from jaxft.data.tokenizer import has_tokenizer, load_tokenizer
 from jaxft.models import bert, registry
 from jaxft.run import loader
@@ -70,7 +70,9 @@ class EmbeddingEndpoint:
     self._pad = tokenizer.special_id("pad_token")
 
     def embed(variables, batch):
-      hidden, _ = module.apply(variables, batch["inputs"], batch["segment_ids"],
+      # A quantised run's int weights become float inside this jit (jaxft/quant).
+      hidden, _ = module.apply(quant.dequantize_tree(variables), batch["inputs"],
+                               batch["segment_ids"],
                                batch["token_types"], batch["positions"])
       return {"embedding": mean_pool_normalize(hidden, batch["segment_ids"])}
 
