@@ -342,7 +342,7 @@ BREAKAGES = {b[0]: (b[1], b[2] if len(b) == 3 else _put(*b[2:])) for b in [
   ("PodMonitor on other pods", "hpas", PM, SEL, "x"),
   ("PodMonitor scrapes elsewhere", "hpas", PM, [*EP, "path"], "/stats"),
   ("PodMonitor without the key", "hpas", PM, [*EP, "authorization", "credentials", "key"], "x"),
-  ("a flag the server lacks", "bind", _set_flag("quantize", "int8")),
+  ("a flag the server lacks", "bind", _set_flag("tensor_parallel", "2")),
   ("Secret not mounted", "volumes", _unmount("/etc/jaxft/api-key")),
   ("--api_key_file elsewhere", "volumes", _set_flag("api_key_file", "/etc/key")),
   ("key file world-readable", "volumes", D, [*POD, "volumes", 1, "secret", "defaultMode"], 0o444),
