@@ -259,3 +259,43 @@ def test_int8_weights_at_load_serve_what_generate_draws_from_them(lm_dir):
     assert r.json()["choices"][0]["text"] == tok.decode(out)
   finally:
     app.state.server.stop()
+
+
+def test_chunked_bodies_unknown_paths_and_prompt_lists(served):
+  async def go():
+    async def chunks():
+      for _ in range(5):
+        yield b" " * 1000  # no Content-Length: the guard counts what arrives
+    transport = httpx.ASGITransport(app=served)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+      big = await client.post("/v1/completions", content=chunks(),
+                              headers={"content-type": "application/json"})
+      lost = await client.get("/v1/nowhere-1")
+      huge_k = await client.post("/v1/completions", json={"prompt": "hi", "top_k": 2**40})
+      both = await client.post("/v1/completions", json={
+          "prompt": ["To be", "or not"], "max_tokens": 5, "temperature": 0})
+      metrics = await client.get("/metrics")
+      return big, lost, huge_k, both, metrics
+  big, lost, huge_k, both, metrics = asyncio.run(go())
+  assert big.status_code == 413 and "--max_body_bytes" in big.json()["error"]["message"]
+  assert lost.status_code == 404 and lost.json()["error"]["code"] == 404
+  assert huge_k.status_code == 400 and huge_k.json()["error"]["param"] == "top_k"
+  tok = served.state.server.run.tokenizer()
+  texts = [c["text"] for c in both.json()["choices"]]
+  assert texts == [reference(served, tok.encode(p), max_new_tokens=5, temperature=0.0)[1]
+                   for p in ("To be", "or not")]
+  assert "nowhere" not in metrics.text  # made-up paths share the "other" label
+
+
+def test_the_earliest_stop_string_ends_the_text(served):
+  tok = served.state.server.run.tokenizer()
+  prompt = "Whether 'tis nobler"
+  _, text = reference(served, tok.encode(prompt), max_new_tokens=20, temperature=0.0)
+  # Two stop strings whose first occurrences differ, neither at the start; the later one first.
+  firsts = {text[k:k + 2]: k for k in range(len(text) - 1) if text.index(text[k:k + 2]) == k}
+  candidates = sorted((k, w) for w, k in firsts.items() if k > 0)
+  early, late = candidates[0][1], candidates[-1][1]
+  assert 0 < text.index(early) < text.index(late)
+  r = call(served, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 20,
+                                               "temperature": 0, "stop": [late, early]})
+  assert r.json()["choices"][0]["text"] == text[:text.index(early)]

@@ -114,7 +114,7 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
   application = create_app(settings)
   config = uvicorn.Config(application, host=f.host, port=f.port, log_level="info",
-                          timeout_graceful_shutdown=int(f.drain_seconds), access_log=False)
+                          timeout_graceful_shutdown=f.drain_seconds, access_log=False)
   # Once drained, uvicorn re-raises the signal under the handler it found at start; Python's
   # default would end the process as killed by SIGTERM (-15, shown as 143) after a clean drain.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

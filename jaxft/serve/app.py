@@ -22,6 +22,7 @@ import jax
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxft import quant, tasks
 from jaxft.run import loader
@@ -198,6 +199,11 @@ def create_app(settings: Settings, *, load_in_background: bool = True) -> FastAP
     return error(400, f"{field}: {first.get('msg', 'invalid')}" + (
         f" (got {first['input']!r:.80})" if "input" in first and where else ""), field)
 
+  @app.exception_handler(StarletteHTTPException)
+  async def http_error(request: Request, exc: StarletteHTTPException):
+    """Unknown paths (404) and methods (405) in the API's error shape too."""
+    return error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
   @app.get("/healthz")
   async def healthz():
     return {"status": "ok"}
@@ -218,7 +224,8 @@ def create_app(settings: Settings, *, load_in_background: bool = True) -> FastAP
   app.include_router(openai_routes.router)
   app.include_router(encoder_routes.router)
   app.add_middleware(Guard, metrics=metrics, api_key=settings.api_key,
-                     max_body_bytes=settings.max_body_bytes, log_bodies=settings.log_bodies,
-                     redact_bodies=settings.redact)
+                     max_body_bytes=settings.max_body_bytes,
+                     routes=(*GENERATION_ROUTES, "/v1/models", *ENCODER_ROUTES.values()),
+                     log_bodies=settings.log_bodies, redact_bodies=settings.redact)
   return app
 

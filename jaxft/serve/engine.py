@@ -260,10 +260,15 @@ class GenerationEngine:
       tokens = np.zeros((1, bucket), np.int32)
       tokens[0, :n] = request.prompt
       p = request.params
-      cache, token = _prefill(self.model, self.variables, tokens, jnp.int32(n),
-                              self._sampling_scalars(p), max_len=self.max_len)
       slot = self._active.index(None)
-      self._caches = _insert(self._caches, cache, jnp.int32(slot))
+      try:
+        cache, token = _prefill(self.model, self.variables, tokens, jnp.int32(n),
+                                self._sampling_scalars(p), max_len=self.max_len)
+        self._caches = _insert(self._caches, cache, jnp.int32(slot))
+      except Exception:  # this request fails alone; the running ones go on
+        log.exception("prefill failed; the request ends")
+        self._finish(request, "error")
+        continue
       self._active[slot] = request
       h = self._host
       h["seeds"][slot], h["temperature"][slot] = p.seed % 2**32, p.temperature

@@ -55,11 +55,12 @@ class _Decoder:
     if token is not None:
       self.ids.append(token)
     text = self.tok.decode(self.ids)
-    for stop in self.stops:
-      at = text.find(stop, max(len(self.shown) - len(stop) + 1, 0))
-      if at >= 0:
-        new, self.shown = text[len(self.shown):at], text[:at]
-        return new, True
+    hits = [at for stop in self.stops
+            if (at := text.find(stop, max(len(self.shown) - len(stop) + 1, 0))) >= 0]
+    if hits:  # the stop string that starts first ends the text
+      at = min(hits)
+      new, self.shown = text[len(self.shown):at], text[:at]
+      return new, True
     if token is not None:  # keep back a broken character and a stop string's possible start
       end = len(text) - (1 if text.endswith("\ufffd") else 0)
       end = max(min(end, len(text) - self.hold), len(self.shown))
@@ -160,23 +161,26 @@ class Generator:
           if stopped:
             requests[index].cancel()
             open_choices.discard(index)
-            yield Event(index, new, "stop", first, len(requests[index].tokens))
+            yield Event(index, new, "stop", first, len(decoders[index].ids))
           elif new or first:
             yield Event(index, new, None, first)
         else:  # done: "stop" (EOS), "length", or "cancelled"/"error" (the engine stopped)
           new, _ = decoders[index].add(None)
           open_choices.discard(index)
           reason = value if value in ("stop", "length") else "error"
-          yield Event(index, new, reason, False, len(requests[index].tokens))
+          yield Event(index, new, reason, False, len(decoders[index].ids))
     finally:
       for request in requests:
         request.cancel()
 
   async def complete(self, prompt: list[int], params: list[SamplingParams], stops: list[str],
-                     is_disconnected=None) -> list[Choice]:
-    """Every choice's whole text (non-streaming responses)."""
+                     is_disconnected=None, on_first=None) -> list[Choice]:
+    """Every choice's whole text (non-streaming responses); `on_first()` is called at the first
+    generated token."""
     choices = [Choice(i) for i in range(len(params))]
     async for event in self.events(prompt, params, stops, is_disconnected):
+      if event.first and on_first is not None:
+        on_first()
       c = choices[event.index]
       c.text += event.text
       if event.finish_reason:

@@ -29,16 +29,15 @@ def error_body(status: int, message: str, param: str | None = None,
                                "code": status}}).encode()
 
 
-class _TooLarge(Exception):
-  pass
-
-
 class Guard:
   """ASGI middleware around the app."""
 
   def __init__(self, app, *, metrics: Metrics, api_key: str | None, max_body_bytes: int,
-               log_bodies: bool = False, redact_bodies: bool = False):
+               routes: tuple[str, ...] = (), log_bodies: bool = False,
+               redact_bodies: bool = False):
     self.app, self.metrics = app, metrics
+    # Metrics are labelled by route, never by the raw path: made-up paths would each add series.
+    self.routes = frozenset(routes) | set(PROBES) | {"/metrics"}
     self.api_key = api_key.encode() if api_key else None
     self.max_body_bytes = max_body_bytes
     self.log_bodies, self.redact_bodies = log_bodies, redact_bodies
@@ -78,27 +77,30 @@ class Guard:
         scope = {**scope, "headers": [(k, v) for k, v in scope["headers"]
                                       if k != b"content-type"]
                  + [(b"content-type", b"application/json")]}
-      received = 0
-
-      async def counted_receive():
-        nonlocal received
+      # The whole body is read here, counted, then replayed to the app: past the limit it is
+      # a 413 in the API's error shape (inside the app, FastAPI would make any error a 400).
+      messages, received = [], 0
+      while True:
         message = await receive()
-        if message["type"] == "http.request":
-          chunk = message.get("body", b"")
-          received += len(chunk)
-          if received > self.max_body_bytes:
-            raise _TooLarge
-          body_parts.append(chunk)  # logged: field names, or the body with --log_bodies
-        return message
+        messages.append(message)
+        if message["type"] != "http.request":
+          break
+        body_parts.append(message.get("body", b""))
+        received += len(body_parts[-1])
+        if received > self.max_body_bytes:
+          await refuse(413, f"the request body passed {self.max_body_bytes} bytes "
+                       "(--max_body_bytes)")
+          return
+        if not message.get("more_body", False):
+          break
 
-      try:
-        await self.app(scope, counted_receive, send_and_count)
-      except _TooLarge:
-        await refuse(413, f"the request body passed {self.max_body_bytes} bytes "
-                     "(--max_body_bytes)")
+      async def replay():
+        return messages.pop(0) if messages else await receive()
+
+      await self.app(scope, replay, send_and_count)
     finally:
       elapsed = time.perf_counter() - started
-      endpoint = path if path.startswith(("/v1/", "/healthz", "/readyz", "/metrics")) else "other"
+      endpoint = path if path in self.routes else "other"
       self.metrics.requests.labels(endpoint, str(status["code"])).inc()
       self.metrics.latency.labels(endpoint).observe(elapsed)
       if path not in PROBES:

@@ -1,6 +1,7 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (JSON or
 server-sent events), with OpenAI's response shapes and usage counts."""
 
+import asyncio
 import json
 import time
 import uuid
@@ -48,6 +49,9 @@ def _checks(server, body, prompts: list[list[int]], default_max: int, field: str
   if body.n * len(prompts) > limits.max_n:
     return None, error(400, f"n={body.n} choices x {len(prompts)} prompts is over this "
                        f"server's limit of {limits.max_n} sequences per request (--max_n)", "n")
+  if body.stream and len(prompts) > 1:  # OpenAI streams several too; clients rarely do
+    return None, error(400, "stream=true takes one prompt; send a list of prompts without "
+                       "stream", "prompt")
   for ids in prompts:
     problem = server.generator.engine.check(len(ids), max_tokens)
     if problem:
@@ -65,40 +69,47 @@ async def _respond(request: Request, body, prompts, max_tokens, kind: str):
   endpoint = request.url.path
   per_prompt = [gen.params(body, max_tokens) for _ in prompts]
   prompt_tokens = sum(len(p) for p in prompts)
-  server.metrics.prompt_tokens.inc(prompt_tokens * body.n)
 
   def usage(completion: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion}
 
+  first_token = []  # the time to the request's first token, observed once
+
+  def on_first():
+    if not first_token:
+      first_token.append(time.perf_counter() - started)
+      server.metrics.ttft.labels(endpoint).observe(first_token[0])
+
   if not body.stream:
+    try:  # the prompts of a list run together; one failing cancels the others
+      async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(gen.complete(ids, params, body.stop,
+                                                request.is_disconnected, on_first))
+                 for ids, params in zip(prompts, per_prompt)]
+    except ExceptionGroup as failed:
+      cause = failed.exceptions[0]
+      if isinstance(cause, QueueFull):
+        return error(429, str(cause))
+      if isinstance(cause, Deadline):
+        return error(504, str(cause))
+      raise
+    results = [t.result() for t in tasks]
     choices, completion = [], 0
-    try:
-      for p, (ids, params) in enumerate(zip(prompts, per_prompt)):
-        first = True
-        for c in await gen.complete(ids, params, body.stop, request.is_disconnected):
-          if first:
-            server.metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
-            first = False
-          completion += c.tokens
-          index = p * body.n + c.index
-          choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
-                          "finish_reason": c.finish_reason} if kind == "chat" else
-                         {"index": index, "text": c.text, "logprobs": None,
-                          "finish_reason": c.finish_reason})
-    except QueueFull as e:
-      return error(429, str(e))
-    except Deadline as e:
-      return error(504, str(e))
+    for p, prompt_choices in enumerate(results):
+      for c in prompt_choices:
+        completion += c.tokens
+        index = p * body.n + c.index
+        choices.append({"index": index, "message": {"role": "assistant", "content": c.text},
+                        "finish_reason": c.finish_reason} if kind == "chat" else
+                       {"index": index, "text": c.text, "logprobs": None,
+                        "finish_reason": c.finish_reason})
+    server.metrics.prompt_tokens.inc(prompt_tokens * body.n)
     server.metrics.generated.inc(completion)
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
             "usage": usage(completion)}
 
-  # Streams: one prompt per request (OpenAI streams many too, but clients rarely do).
-  if len(prompts) > 1:
-    return error(400, "stream=true takes one prompt; send a list of prompts without stream",
-                 "prompt")
-  events = gen.events(prompts[0], per_prompt[0], body.stop)
+  events = gen.events(prompts[0], per_prompt[0], body.stop, request.is_disconnected)
   try:  # the queue check happens at the first event: a full queue is still a 429
     first_event = await anext(events)
   except QueueFull as e:
@@ -107,6 +118,7 @@ async def _respond(request: Request, body, prompts, max_tokens, kind: str):
     return error(504, str(e))
   except StopAsyncIteration:
     first_event = None
+  server.metrics.prompt_tokens.inc(prompt_tokens * body.n)
   chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
   def chunk(index, text, finish, role=False):
@@ -127,7 +139,7 @@ async def _respond(request: Request, body, prompts, max_tokens, kind: str):
       while True:
         event = pending.pop() if pending else await anext(events)
         if event.first:
-          server.metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
+          on_first()
         role = kind == "chat" and event.index not in started_choices
         started_choices.add(event.index)
         if event.finish_reason:

@@ -22,7 +22,7 @@ class Sampling(BaseModel):
                                  "rest of the context (chat)")
   temperature: float = Field(1.0, ge=0.0, le=2.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
-  top_k: int = Field(0, ge=0)
+  top_k: int = Field(0, ge=0, lt=2**31)
   n: int = Field(1, ge=1)
   stream: bool = False
   stream_options: StreamOptions | None = None
