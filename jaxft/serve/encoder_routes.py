@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jaxft.serve import batching
-from jaxft.serve.openai_routes import error
+from jaxft.serve.openai_routes import error, wrong_model
 
 router = APIRouter()
 _STRICT = ConfigDict(extra="forbid")
@@ -82,16 +82,9 @@ async def _run(request: Request, endpoint: str, items: list[dict], field: str):
     return None, error(400, str(e), field)
 
 
-def _model_check(server, body):
-  if body.model not in (None, server.model_name):
-    return error(404, f"model {body.model!r} is not served here; this server holds "
-                 f"{server.model_name!r}", "model")
-  return None
-
-
 async def _predict(request: Request, endpoint: str, body):
   server = request.app.state.server
-  if (refusal := _model_check(server, body)) is not None:
+  if (refusal := wrong_model(server, body)) is not None:
     return refusal
   field = "inputs" if getattr(body, "inputs", None) is not None else (
       "texts" if endpoint != "answer" else "question")
@@ -126,7 +119,7 @@ async def answer(request: Request, body: AnswerRequest):
 @router.post("/v1/embeddings")
 async def embed(request: Request, body: EmbeddingsRequest):
   server = request.app.state.server
-  if (refusal := _model_check(server, body)) is not None:
+  if (refusal := wrong_model(server, body)) is not None:
     return refusal
   if body.encoding_format != "float":
     return error(400, f"encoding_format={body.encoding_format!r}: this server returns "

@@ -29,12 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.models import generation
+from jaxft.serve.batching import QueueFull  # one "queue full" (HTTP 429) for both engines
 
 log = logging.getLogger("jaxft")
-
-
-class QueueFull(Exception):
-  """More requests are waiting than the engine's max_queue (the server answers 429)."""
 
 
 @dataclasses.dataclass(frozen=True)

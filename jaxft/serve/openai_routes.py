@@ -9,9 +9,8 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from jaxft.data import chat
 from jaxft.inference import generating
-from jaxft.serve.engine import QueueFull
+from jaxft.serve.batching import QueueFull
 from jaxft.serve.generator import Deadline
 from jaxft.serve.guard import error_body
 from jaxft.serve.schemas import ChatRequest, CompletionRequest
@@ -21,6 +20,15 @@ router = APIRouter()
 
 def error(status: int, message: str, param: str | None = None) -> JSONResponse:
   return JSONResponse(json.loads(error_body(status, message, param)), status_code=status)
+
+
+def wrong_model(server, body) -> JSONResponse | None:
+  """A 404 when the request names a model this server does not hold (None: it does or names
+  none)."""
+  if body.model not in (None, server.model_name):
+    return error(404, f"model {body.model!r} is not served here; this server holds "
+                 f"{server.model_name!r} (GET /v1/models)", "model")
+  return None
 
 
 def _sse(payload) -> bytes:
@@ -38,9 +46,8 @@ def _checks(server, body, prompts: list[list[int]], default_max: int, field: str
   """(the max_tokens to use, None) or (None, an error response) for a generation request."""
   if (refusal := server.refuse("generation")) is not None:
     return None, refusal
-  if body.model not in (None, server.model_name):
-    return None, error(404, f"model {body.model!r} is not served here; this server holds "
-                       f"{server.model_name!r} (GET /v1/models)", "model")
+  if (refusal := wrong_model(server, body)) is not None:
+    return None, refusal
   limits = server.settings
   max_tokens = body.max_tokens or default_max
   if max_tokens > limits.max_tokens_limit:
@@ -180,8 +187,7 @@ async def chat_completions(request: Request, body: ChatRequest):
   if server.generator is None:
     return server.refuse("generation")
   messages = [m.model_dump(exclude_none=True, exclude={"name"}) for m in body.messages]
-  try:
-    chat.validate_messages(messages, "request")
+  try:  # the schema checked roles and contents; a template may still refuse the conversation
     prompt = generating.chat_prompt(server.run, server.generator.tok, messages)
   except ValueError as e:  # a template that refuses the conversation (e.g. roles out of order)
     return error(400, f"messages: {e}", "messages")
