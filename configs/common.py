@@ -100,3 +100,34 @@ def peft(**overrides) -> ml_collections.ConfigDict:
   p.prefix_projection = 0  # prefix: hidden size of the MLP reparameterisation; 0 = direct
   p.update(overrides)
   return p
+
+
+def adversarial(**overrides) -> ml_collections.ConfigDict:
+  """Adversarial training on the token embeddings (jaxft/run/adversarial.py): each example's
+  perturbation lies in an L2 ball of radius epsilon over its row's T x D embedding entries."""
+  a = ml_collections.ConfigDict()
+  a.method = "none"  # "none" | "fgm" | "pgd" | "freelb"
+  a.epsilon = 1.0  # L2 radius per example
+  a.steps = 3  # pgd / freelb: ascent steps (pgd: steps + 1 passes a step; freelb: steps)
+  a.step_size = 0.5  # pgd / freelb: the L2 length of each ascent step
+  a.init = 0.0  # freelb: start uniform in [-init, init] / sqrt(T * D) per entry
+  a.weight = 1.0  # fgm / pgd: loss = clean + weight * perturbed
+  a.update(overrides)
+  return a
+
+
+def augment() -> ml_collections.ConfigDict:
+  """Training-time text augmentation (jaxft/data/augment.py, docs/augmentation.md): EDA's
+  synonym replacement, random insertion, swap and deletion on the training split only, seeded
+  per (seed, epoch, example); classification and NER (entity words are never touched)."""
+  a = ml_collections.ConfigDict()
+  a.method = "none"  # "none" | "eda"
+  a.ops = "sr,ri,rs,rd"  # EDA operations; each augmented copy gets one, drawn uniformly
+  a.alpha_sr = 0.1  # synonym replacement: fraction of the words replaced
+  a.alpha_ri = 0.1  # random insertion: synonyms inserted, as a fraction of the words
+  a.alpha_rs = 0.1  # random swap: swaps, as a fraction of the words
+  a.alpha_rd = 0.1  # random deletion: each word's probability of being deleted
+  a.num_aug = 0  # augmented copies per example per epoch (with the original); 0 = use p
+  a.p = 0.5  # num_aug=0: each example is replaced by an augmented copy with this probability
+  a.seed = 0  # added to config.data.shuffle_seed for the augmentation's random draws
+  return a

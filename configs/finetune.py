@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.validation_fraction = 0.1
   c.data.test_fraction = 0.1
   c.data.split_seed = 0  # shuffle before carving splits (0 reproduces the BBC reference split)
+  c.data.train_fraction = 1.0  # a seeded (split_seed) subset of the train split; eval unchanged
   c.data.doc_stride = 128  # QA: context tokens shared by consecutive windows of a long context
   c.data.max_question_len = 64  # QA: question tokens kept
   c.data.max_answer_len = 30  # QA: longest predicted answer, in tokens
@@ -89,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.axis_rules = common.AXIS_RULES
   c.early_stopping = common.early_stopping()
   c.peft = common.peft()  # --config.peft.method=lora|adalora|adapter|prefix|prompt
+  c.augment = common.augment()  # --config.augment.method=eda: docs/augmentation.md
+  c.adversarial = common.adversarial()  # --config.adversarial.method=fgm|pgd|freelb
 
   c.log_every = 10
   c.eval_every = 0  # steps between evaluations; 0 = once per epoch

@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = common.mesh()
   c.axis_rules = common.AXIS_RULES
   c.early_stopping = common.early_stopping()
+  c.adversarial = common.adversarial()  # --config.adversarial.method=fgm|pgd|freelb
   c.peft = common.peft(targets=r"attn/(query|key|value|out)$|mlp/(gate|up|down)$")
 
   c.log_every = 10

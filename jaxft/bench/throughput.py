@@ -33,7 +33,7 @@ from ml_collections import config_flags
 
 from jaxft import hf, peft, tasks
 from jaxft.parallel import sharding
-from jaxft.run import flops, loader, optim, prefetch, steps
+from jaxft.run import adversarial, flops, loader, optim, prefetch, steps
 from jaxft.run import state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:variant].",
@@ -182,7 +182,7 @@ def benchmark(config, *, steps: int, rounds: int, warmup: int, torch_mode: str =
     if with_input:
       input_rounds.append(runner.run_input(steps))
   step_s = statistics.median(jax_times)
-  flops_tok = runner.task.flops_per_token(config.seq_len)
+  flops_tok = runner.task.flops_per_token(config.seq_len) * adversarial.passes(config)
   result = {
       "variant": config.get("variant", ""), "devices": jax.device_count(),
       "device_kind": jax.devices()[0].device_kind, "batch_size": config.batch_size,

@@ -12,6 +12,7 @@ import optax
 from jaxft import trees
 from jaxft.models import dropout
 from jaxft.parallel import sharding
+from jaxft.run import adversarial as adversarial_lib
 from jaxft.run.state import TrainState
 
 
@@ -24,22 +25,35 @@ def _split_micro(batch, n: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    regularizer=None):
-  """loss_fn(variables, batch, rng, deterministic) -> (loss_sum, aux sums: 'weight', 'tokens',
-  'correct'); see jaxft/tasks/base.py. The step is train_step(state, frozen, batch): gradients
-  are taken for state.params (the trainable variables) only; `frozen` completes the variables.
-  `regularizer(variables)` (AdaLoRA's orthogonality penalty) adds to the mean loss."""
+def gradient_fn(loss_fn, regularizer=None, adversarial=None):
+  """grad_fn(params, frozen, batch, rng, row_ids) -> ((loss_sum, aux), grads of params): the
+  loss of the variables combine(frozen, params), dropout drawn per example by row_ids.
+  `regularizer(variables)` (AdaLoRA's orthogonality penalty) adds to the mean loss.
+  `adversarial` (config.adversarial, checked): FGM / PGD / FreeLB on the token embeddings
+  (jaxft/run/adversarial.py)."""
+  perturbed_loss = adversarial_lib.with_deltas(loss_fn)
 
-  def loss_of_trainable(params, frozen, batch, rng, row_ids):
+  def loss_of_trainable(params, deltas, frozen, batch, rng, row_ids):
     variables = trees.combine(frozen, params)
     with dropout.per_example(row_ids):
-      loss_sum, aux = loss_fn(variables, batch, rng, False)
+      loss_sum, aux = perturbed_loss(variables, deltas, batch, rng, False)
     if regularizer is not None:  # x weight: the step divides the sum by the total weight
       loss_sum = loss_sum + regularizer(variables) * aux["weight"]
     return loss_sum, aux
 
-  grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
+  if adversarial is None:
+    return jax.value_and_grad(lambda params, *args: loss_of_trainable(params, None, *args),
+                              has_aux=True)
+  return adversarial_lib.make_grad_fn(loss_of_trainable, adversarial)
+
+
+def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
+                    regularizer=None, adversarial=None):
+  """loss_fn(variables, batch, rng, deterministic) -> (loss_sum, aux sums: 'weight', 'tokens',
+  'correct'); see jaxft/tasks/base.py. The step is train_step(state, frozen, batch): gradients
+  are taken for state.params (the trainable variables) only; `frozen` completes the variables.
+  `regularizer` and `adversarial`: see gradient_fn."""
+  grad_fn = gradient_fn(loss_fn, regularizer, adversarial)
 
   def train_step(state: TrainState, frozen, batch):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -95,7 +109,8 @@ def jit_steps(task, tx, schedule, config, lay, shardings, mesh):
   eval_outputs = sharding.constrained(task.eval_outputs, mesh, config.axis_rules)
   train_step = jax.jit(
       make_train_step(loss, tx, schedule, config.grad_accum_steps,
-                      regularizer=task.peft.regularizer),
+                      regularizer=task.peft.regularizer,
+                      adversarial=adversarial_lib.settings(config)),
       in_shardings=(shardings, frozen_sh, None), out_shardings=(shardings, None),
       donate_argnums=0)
   eval_step = jax.jit(lambda p, f, b: eval_outputs(trees.combine(f, p), b),

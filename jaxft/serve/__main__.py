@@ -4,6 +4,7 @@
     curl -s localhost:8000/v1/chat/completions \
         -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32, "stream": true}'
     python -m jaxft.serve --workdir runs/bbc     ->  POST /v1/classify {"texts": ["..."]}
+    python -m jaxft.serve --workdir runs/bbc,runs/bbc_seed1,runs/bbc_seed2   # an ensemble
 
 --workdir: a jaxft run (its best, else latest checkpoint), a quantised run (jaxft.quantize) or
 a Hugging Face directory (a *ForCausalLM, a task class, or a BertModel such as
@@ -29,8 +30,10 @@ FIELDS = [f.name for f in dataclasses.fields(Settings)]
 
 
 def _define_flags() -> None:
-  flags.DEFINE_string("workdir", None, "the run or Hugging Face directory to serve",
-                      required=True)
+  flags.DEFINE_string("workdir", None, "the run or Hugging Face directory to serve; several "
+                      "comma-separated encoder runs: their ensemble", required=True)
+  flags.DEFINE_enum("ensemble", "mean", ["mean", "vote"], "several --workdir: average the "
+                    "members' probabilities, or majority vote (docs/ensembles.md)")
   flags.DEFINE_integer("step", None, "checkpoint step (default: the best, else the latest)")
   flags.DEFINE_enum("quantize", "", ["", "int8", "int4"], "quantise the weights at load "
                     "(weight-only; or serve a run python -m jaxft.quantize wrote)")
@@ -107,8 +110,9 @@ def main(argv):
   f = flags.FLAGS
   api_key = read_api_key(f.api_key_file) if f.api_key_file else None
   check_bind(f.host, api_key, f.insecure)
-  if not os.path.isdir(f.workdir):
-    raise app.UsageError(f"--workdir={f.workdir} is not a directory")
+  for path in f.workdir.split(","):
+    if path.strip() and not os.path.isdir(path.strip()):
+      raise app.UsageError(f"--workdir={path.strip()} is not a directory")
   settings = Settings(**{name: getattr(f, name) for name in FIELDS if name != "api_key"},
                       api_key=api_key)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

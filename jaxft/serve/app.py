@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxft import quant, tasks
+from jaxft.inference import ensemble
 from jaxft.run import loader
 from jaxft.serve import embeddings, encoder_routes, encoders, openai_routes
 from jaxft.serve.engine import GenerationEngine
@@ -43,7 +44,8 @@ ENCODER_ROUTES = {"classify": "/v1/classify", "tag": "/v1/tag", "answer": "/v1/a
 @dataclasses.dataclass
 class Settings:
   """What `python -m jaxft.serve` is told (its flags carry the same names)."""
-  workdir: str
+  workdir: str  # several, comma-separated: their ensemble (jaxft/inference/ensemble.py)
+  ensemble: str = "mean"  # how several workdirs combine: mean | vote
   step: int | None = None
   quantize: str = ""  # "int8" / "int4": quantise the weights at load (jaxft/quant)
   seq_len: int = 0  # encoder rows of a Hugging Face directory (0: the task's default)
@@ -69,7 +71,9 @@ class Server:
 
   def __init__(self, settings: Settings, metrics: Metrics):
     self.settings, self.metrics = settings, metrics
-    self.model_name = settings.model_name or os.path.basename(os.path.normpath(settings.workdir))
+    self.paths = ensemble.split_paths(settings.workdir)
+    self.model_name = settings.model_name or "+".join(
+        os.path.basename(os.path.normpath(p)) for p in self.paths)  # an ensemble: a+b+c
     self.started = int(time.time())
     self.run = None
     self.generator: Generator | None = None
@@ -92,6 +96,13 @@ class Server:
 
   def _load(self) -> None:
     s = self.settings
+    if len(self.paths) > 1:  # an ensemble of encoder runs: the task endpoint only
+      if s.step is not None or s.quantize:
+        raise ValueError("--step and --quantize apply to one run; serve an ensemble of the "
+                         "runs' best checkpoints without them")
+      self.run = ensemble.open_ensemble(self.paths, s.ensemble)
+      self._start_encoders(self.run)
+      return
     if embeddings.is_headless_bert(s.workdir):  # e.g. all-MiniLM-L6-v2: embeddings only
       self._start_encoders(s.workdir)
       return

@@ -13,6 +13,7 @@ import concurrent.futures
 import copy
 from collections.abc import Sequence
 
+from jaxft.inference import ensemble
 from jaxft.run import loader
 from jaxft.serve import buckets as buckets_lib
 from jaxft.serve import embeddings
@@ -195,7 +196,9 @@ def _run_endpoints(run: loader.Run, **buckets) -> dict:
   name = TASK_ENDPOINTS.get(run.task.name)
   if name and run.task.prediction_fields:
     found[name] = TaskEndpoint(run, name, **buckets)
-  embedder = embeddings.from_run(run, **buckets)
+  # An ensemble serves its members' combined predictions; embeddings are one model's vectors.
+  embedder = (None if isinstance(run, ensemble.Ensemble)
+              else embeddings.from_run(run, **buckets))
   if embedder is not None:
     found[embeddings.ENDPOINT] = embedder
   if not found:

@@ -11,6 +11,12 @@ With config.data.packing several examples share a row (jaxft/data/packing.py): t
 each epoch's shuffled examples, evaluation and predict pack the split in order, and outputs
 carry example_index (and, for per-token outputs, segment_ids) to map each slot, or each
 segment's tokens, back to its example.
+
+With config.augment on (jaxft/data/augment.py; docs/augmentation.md) training reads the raw
+examples instead: each one is augmented per (seed, epoch, example index, copy) and featurised
+in the iterator, so the iterator state alone still resumes it bit-exactly; evaluation, test
+and predict never see augmented text. config.data.train_fraction keeps a seeded subset of the
+training split (validation and test are carved first, so they do not change).
 """
 
 import abc
@@ -20,8 +26,9 @@ import logging
 import grain
 import ml_collections
 import numpy as np
+from grain import experimental as grain_experimental
 
-from jaxft.data import labeled, packing, pipeline
+from jaxft.data import augment, labeled, packing, pipeline
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.tasks.base import Task
 
@@ -40,6 +47,34 @@ class ArrayRows:
 
   def __getitem__(self, i):
     return {k: v[i] for k, v in self._arrays.items()}
+
+
+def train_subset(source, fraction: float, seed: int):
+  """config.data.train_fraction of the training examples, a seeded choice kept in split order."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"config.data.train_fraction={fraction} must be in (0, 1] (1 = the whole "
+                     "training split)")
+  if fraction == 1:
+    return source
+  n = len(source)
+  keep = np.sort(np.random.default_rng(seed).permutation(n)[:max(1, round(fraction * n))])
+  return [source[int(i)] for i in keep]
+
+
+# Augmenting and tokenising a batch costs real CPU time: grain's default read-ahead (16
+# threads, 500 elements) would race the train step for the cores; run/prefetch.py already
+# prepares the next batches beside the step.
+_AUGMENT_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+
+
+class _Unbatch(grain_experimental.FlatMapTransform):
+  """A list of examples back to its elements (featurising a batch at once is much cheaper)."""
+
+  def __init__(self, max_fan_out: int):
+    self.max_fan_out = max_fan_out
+
+  def flat_map(self, element):
+    return element
 
 
 def _rows_of_process(batch: dict[str, np.ndarray], keep: slice) -> dict[str, np.ndarray]:
@@ -94,7 +129,15 @@ class LabeledTask(Task, abc.ABC):
 
   @functools.cached_property
   def splits(self):
-    return labeled.load_splits(self.config.data, self.kind)
+    splits = labeled.load_splits(self.config.data, self.kind)
+    train = train_subset(splits["train"], float(self.config.data.get("train_fraction", 1.0)),
+                         int(self.config.data.get("split_seed", 0)))
+    return {**splits, "train": train}
+
+  @functools.cached_property
+  def augmenter(self) -> augment.Augmenter | None:
+    # .get: a workdir's config.json written before config.augment existed has no block.
+    return augment.from_config(self.config.get("augment"), self.kind)
 
   # -- labels ----------------------------------------------------------------------------------
 
@@ -185,14 +228,19 @@ class LabeledTask(Task, abc.ABC):
     """Rows of one epoch: examples, or the rows they pack into (the epoch's steps follow)."""
     if self.packing:
       return self._packed_train_rows
-    return len(self.features("train")["inputs"])
+    copies = self.augmenter.copies if self.augmenter else 1
+    return copies * len(self.features("train")["inputs"])
 
   @functools.cached_property
   def _packed_train_rows(self) -> int:
     """Rows of the first epoch as training packs it (its shuffle, batch_size bins at once)."""
     seed = int(self.config.data.get("shuffle_seed", 0))
-    examples = packing.ExampleRows(self.features("train"), self._token_keys, self._example_keys)
-    ds = grain.MapDataset.source(examples).shuffle(seed=seed).to_iter_dataset()
+    if self.augmenter:
+      ds = self._augmented_examples(seed, repeat=False)
+    else:
+      examples = packing.ExampleRows(self.features("train"), self._token_keys,
+                                     self._example_keys)
+      ds = grain.MapDataset.source(examples).shuffle(seed=seed).to_iter_dataset()
     return sum(1 for _ in packing.pack(ds, self.max_len, self.slots, self._token_keys,
                                        self._example_keys, bins=self.config.batch_size,
                                        seed=seed))
@@ -204,7 +252,14 @@ class LabeledTask(Task, abc.ABC):
     """Endless, checkpointable: a seeded shuffle of the training rows, new every epoch."""
     keep = pipeline.process_rows(self.config.batch_size, process_index, process_count)
     size = self.config.batch_size
-    if not self.packing:
+    if self.augmenter and not self.packing:
+      ds = self._augmented_raw(seed).batch(size, drop_remainder=True, batch_fn=list)
+      ds = ds.map(self._augmented_batch).to_iter_dataset(_AUGMENT_READ)
+    elif self.augmenter:  # augmented examples, then packed as below
+      ds = packing.pack(self._augmented_examples(seed), self.max_len, self.slots,
+                        self._token_keys, self._example_keys, bins=size, seed=seed
+                        ).batch(size, drop_remainder=True)
+    elif not self.packing:
       padding = float(np.mean(self.features("train")["segment_ids"] == 0))
       if padding > 0.5 and process_index == 0:
         log.warning("%.0f%% of the training rows' tokens are padding (config.seq_len=%d): "
@@ -219,6 +274,40 @@ class LabeledTask(Task, abc.ABC):
       ds = packing.pack(ds, self.max_len, self.slots, self._token_keys, self._example_keys,
                         bins=size, seed=seed).batch(size, drop_remainder=True)
     return iter(ds.map(functools.partial(_rows_of_process, keep=keep)))
+
+  def _augmented_raw(self, seed: int, repeat: bool = True) -> grain.MapDataset:
+    """(index, augmented example) in the epoch's shuffled order: an epoch holds each training
+    example `copies` times, augmented per (seed, epoch, index, copy)."""
+    source, aug = self.splits["train"], self.augmenter
+    n = len(source)
+    size = n * aug.copies
+
+    def one(i, j):
+      index = j % n
+      return index, aug(source[index], seed, i // size, index, j // n)
+
+    ds = grain.MapDataset.range(size).shuffle(seed=seed)
+    return (ds.repeat(None) if repeat else ds).map_with_index(one)
+
+  def _augmented_batch(self, items) -> dict[str, np.ndarray]:
+    """A list of (index, example) -> featurised rows, one per example."""
+    return self.device_arrays(self.complete(self.featurize([e for _, e in items], "train")))
+
+  def _augmented_examples(self, seed: int, repeat: bool = True) -> grain.IterDataset:
+    """Augmented examples as packing.ExampleRows gives them (example_index: the original's)."""
+    size = self.config.batch_size
+
+    def rows(items):
+      f = self._augmented_batch(items)
+      examples = packing.ExampleRows(f, self._token_keys, self._example_keys)
+      out = [examples[k] for k in range(len(items))]
+      for row, (index, _) in zip(out, items):
+        row["example_index"] = np.asarray([index], np.int32)
+      return out
+
+    ds = self._augmented_raw(seed, repeat).batch(size, batch_fn=list).map(rows)
+    return grain_experimental.FlatMapIterDataset(ds.to_iter_dataset(_AUGMENT_READ),
+                                                 _Unbatch(size))
 
   def eval_batches(self, split: str = "validation", process_index: int = 0,
                    process_count: int = 1) -> list[dict[str, np.ndarray]]:

@@ -22,10 +22,15 @@ __all__ = ["NonFiniteLossError", "compile_only", "train_and_evaluate"]
 log = logging.getLogger("jaxft")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_evaluation=None) -> dict[str, float]:
   """Trains (or resumes) to config.num_steps (or early stopping); returns the final validation
   metrics (of the best checkpoint's params when the task reports on a test split). Process 0
-  holds the workdir's lock for the whole run: a second run on it is refused."""
+  holds the workdir's lock for the whole run: a second run on it is refused.
+
+  on_evaluation(step, val_metrics) -> bool, called after every evaluation (on every process:
+  it must answer alike on each): True stops the run there, checkpointed and marked stopped like
+  an early stop (jaxft/sweeping/ prunes trials with it)."""
   with lock.WorkdirLock(workdir) if distributed.is_primary() else contextlib.nullcontext():
     s = setup(config, workdir)
     tracker = BestTracker.from_config(s.config, s.task, s.meta.get("early_stopping"))
@@ -40,7 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = logs.Writer(workdir)
     try:
       writer.write(int(distributed.to_host(s.state.step)), counts)
-      result = train_loop(s, writer, tracker, best_ckpt)
+      result = train_loop(s, writer, tracker, best_ckpt, on_evaluation)
       s.ckpt.wait()  # a failed last save stops the run here, with its message
     except BaseException:
       # Cleanup after a failure logs its own errors instead of raising them: the first error

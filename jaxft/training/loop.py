@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from jaxft.parallel import distributed
-from jaxft.run import checkpoint, evaluation, flops, logs
+from jaxft.run import adversarial, checkpoint, evaluation, flops, logs
 from jaxft.training import best as best_lib
 from jaxft.training.setup import Setup
 
@@ -52,7 +52,10 @@ class StepLog:
   def __init__(self, s: Setup, writer: logs.Writer, bar, last_saved: int | None):
     self.workdir, self.writer, self.bar, self.last_saved = s.workdir, writer, bar, last_saved
     self.train_iter = s.train_iter
-    self.flops_per_token = s.task.flops_per_token(s.config.seq_len)
+    # Adversarial training runs several forward/backward passes a step (MaxText's convention
+    # counts the model FLOPs the device really runs).
+    self.flops_per_token = (s.task.flops_per_token(s.config.seq_len)
+                            * adversarial.passes(s.config))
     self.peak, _ = flops.peak_flops_per_device()
     self.pending: list = []
     self.untimed = 0  # pending steps that include compilation
@@ -106,9 +109,11 @@ class LoopResult:
 
 
 def train_loop(s: Setup, writer: logs.Writer, tracker: best_lib.BestTracker,
-               best_ckpt: checkpoint.BestParams) -> LoopResult:
+               best_ckpt: checkpoint.BestParams, on_evaluation=None) -> LoopResult:
   """Steps from the restored step to s.num_steps (or an early stop), evaluating every
-  s.eval_every steps and checkpointing every s.checkpoint_every."""
+  s.eval_every steps and checkpointing every s.checkpoint_every. on_evaluation(step, val) is
+  called after each evaluation; True stops the run as early stopping does (a hyperparameter
+  search's pruner): the checkpoint is written marked stopped, so a rerun does not continue."""
   state, task = s.state, s.task
   start = int(distributed.to_host(state.step))
   stopped = bool(s.meta.get("stopped"))
@@ -139,10 +144,13 @@ def train_loop(s: Setup, writer: logs.Writer, tracker: best_lib.BestTracker,
         if tracker.update(done, val):
           best_ckpt.save(done, state.params, {"step": done, "val": val, "labels": task.labels})
         stopped = tracker.should_stop
+        asked = on_evaluation is not None and bool(on_evaluation(done, val)) and not stopped
         if distributed.is_primary():
           bar.write(f"step {done}: validation {format_metrics(val)}"
                     + (f"; no {tracker.metric} gain in {tracker.bad_evals} evaluations: early "
-                       "stop" if stopped else ""))
+                       "stop" if stopped else "")
+                    + ("; stopped by the on_evaluation callback" if asked else ""))
+        stopped = stopped or asked
         step_log.restart_clock()  # evaluation time is not training throughput
       if done % s.checkpoint_every == 0 or is_last or stopped:
         step_log.flush(done)  # never save past a non-finite loss
