@@ -1,9 +1,21 @@
 """Test-wide setup: 8 fake CPU devices (before any JAX op) and parsed absl flags (grain)."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
-import jax
+# One XLA compilation cache for the whole session, this process and the CLIs it starts (they
+# inherit the environment): many tests compile the same tiny programs (measured: 13% off the
+# fine-tuning, packing and PEFT files). Fresh per session, so nothing carries across runs.
+_XLA_CACHE = tempfile.mkdtemp(prefix="jaxft-tests-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
