@@ -6,7 +6,6 @@ naming both, evaluate's metrics from the combined predictions, and the server's 
 Members are tiny random BERT classifiers (transformers, three seeds) saved as jaxft adapter
 directories (config.json + labels.json + adapter.safetensors), which open_run opens as runs."""
 
-import csv
 import json
 
 import numpy as np
@@ -19,7 +18,7 @@ from jaxft.inference import ensemble, prediction
 from jaxft.run import checkpoint, evaluation, loader
 from jaxft.run import workdir as workdir_lib
 from jaxft.serve.app import Settings, create_app
-from tests.helpers import FILLER, MONEY, SPORT
+from tests.helpers import FILLER, MONEY, SPORT, write_csv
 from tests.test_serve_encoder_routes import post_all
 from tests.test_serve_encoders import TOPICS, _save_head, _texts
 
@@ -32,14 +31,6 @@ def _rows(n, seed):
   words = SPORT + MONEY + FILLER
   return [{"text": " ".join(rng.choice(words, size=int(rng.integers(3, 25)))),
            "label": str(rng.choice(TOPICS))} for _ in range(n)]
-
-
-def _csv(path, rows):
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=["text", "label"])
-    w.writeheader()
-    w.writerows(rows)
-  return str(path)
 
 
 def _member(root, name, params, labels, config):
@@ -79,8 +70,8 @@ def runs(tmp_path_factory):
     hf_dir = _save_head(root / f"hf_{name}", "BertForSequenceClassification", TOPICS, seed)
     config = finetune.get_config("classification")
     config.update({"init_from": hf_dir, "seq_len": SEQ_LEN, "eval_batch_size": 16})
-    config.data.update({"dataset": "", "train": _csv(root / "train.csv", _rows(30, 0)),
-                        "test": _csv(root / "test.csv", _rows(40, 1)),
+    config.data.update({"dataset": "", "train": write_csv(root / "train.csv", _rows(30, 0)),
+                        "test": write_csv(root / "test.csv", _rows(40, 1)),
                         "data_dir": str(root / "tfds")})
     loader.resolve(config)
     _spread_head(hf_dir, seed)
