@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "masked_lm"  # which head/loss/eval the train loop uses (jaxft/tasks/)
   c.seed = 0  # params init, dropout, the training masks and the fixed validation masks
   c.init_from = ""  # a local HF BERT directory (config.json + weights) to continue from
+  c.init_layers = ""  # "0,5": a shallower model from init_from's layers 0 and 5 ("" = all)
 
   c.model = ml_collections.ConfigDict()  # HF BertConfig field names
   c.model.family = "bert"

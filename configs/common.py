@@ -116,6 +116,19 @@ def adversarial(**overrides) -> ml_collections.ConfigDict:
   return a
 
 
+def distill(**overrides) -> ml_collections.ConfigDict:
+  """Knowledge distillation (jaxft/run/distill.py, docs/distillation.md): the loss becomes
+  alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T) over the task's distributions."""
+  d = ml_collections.ConfigDict()
+  d.teacher = ""  # a jaxft workdir or Hugging Face directory: same tokenizer and label set
+  d.ema_decay = 0.0  # > 0 (e.g. 0.999): self-distillation from the student's moving average
+  d.alpha = 0.5  # weight of the labels' cross-entropy; 1 - alpha weighs the teacher's KL
+  d.temperature = 2.0  # softens both distributions; the KL is scaled by T^2
+  d.cache = False  # teacher logits of the training rows computed once, saved in the workdir
+  d.update(overrides)
+  return d
+
+
 def augment() -> ml_collections.ConfigDict:
   """Training-time text augmentation (jaxft/data/augment.py, docs/augmentation.md): EDA's
   synonym replacement, random insertion, swap and deletion on the training split only, seeded
@@ -131,3 +144,18 @@ def augment() -> ml_collections.ConfigDict:
   a.p = 0.5  # num_aug=0: each example is replaced by an augmented copy with this probability
   a.seed = 0  # added to config.data.shuffle_seed for the augmentation's random draws
   return a
+
+
+def continual() -> ml_collections.ConfigDict:
+  """Continual learning (docs/continual-learning.md; python -m jaxft.continual sets these per
+  stage): the EWC penalty of earlier stages and experience replay from their examples."""
+  c = ml_collections.ConfigDict()
+  # EWC: an .npz jaxft/run/ewc.py saved (the diagonal Fisher of earlier stages and the params
+  # they ended with); "" = no penalty. loss += ewc_weight / 2 * sum F (theta - anchor)^2.
+  c.ewc_file = ""
+  c.ewc_weight = 0.0
+  # Replay: a buffer (JSONL of raw examples, jaxft/data/replay.py) of earlier stages' training
+  # examples; replay_ratio of each epoch's examples come from it (0 = none).
+  c.replay_file = ""
+  c.replay_ratio = 0.0
+  return c

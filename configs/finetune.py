@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "classification"  # classification | token_classification | question_answering
   c.seed = 0  # head init and dropout masks (data order: data.shuffle_seed)
   c.init_from = common.minilm_dir()  # local HF model directory (config.json + weights + tokenizer)
+  c.init_layers = ""  # "0,5": a shallower model from init_from's layers 0 and 5 ("" = all)
 
   # Filled from init_from's config.json; these are all-MiniLM-L6-v2's values.
   c.model = ml_collections.ConfigDict()
@@ -72,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # "" = init_from's tokenizer
   c.data.data_dir = ""  # TFDS cache; "" = $JAXFT_DATA_DIR or ~/.cache/jaxft/tfds
   c.data.shuffle_seed = 0  # per-epoch shuffle of the training rows
+  # Classification: keep only these labels' examples in every split (comma-separated; "" = all);
+  # a class-incremental stage of jaxft.continual. The head keeps every label of data.labels.
+  c.data.label_subset = ""
   # Several short examples per row (classification): a step pays for real tokens, not padding.
   c.data.packing = False
   c.data.pack_slots = 0  # examples per row at most; 0 = seq_len // 8
@@ -92,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.peft = common.peft()  # --config.peft.method=lora|adalora|adapter|prefix|prompt
   c.augment = common.augment()  # --config.augment.method=eda: docs/augmentation.md
   c.adversarial = common.adversarial()  # --config.adversarial.method=fgm|pgd|freelb
+  c.distill = common.distill()  # --config.distill.teacher=RUN or .ema_decay: distillation
+  c.continual = common.continual()  # EWC / replay of jaxft.continual: docs/continual-learning.md
 
   c.log_every = 10
   c.eval_every = 0  # steps between evaluations; 0 = once per epoch

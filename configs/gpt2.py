@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "causal_lm"  # which head/loss/eval the train loop uses (jaxft/tasks/)
   c.seed = 0  # params init and dropout masks (data order: data.shuffle_seed)
   c.init_from = ""  # a local HF GPT-2 directory (config.json + weights) to start from
+  c.init_layers = ""  # "0,5": a shallower model from init_from's layers 0 and 5 ("" = all)
 
   c.model = ml_collections.ConfigDict()
   c.model.family = "gpt2"
@@ -75,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.axis_rules = common.AXIS_RULES
   c.early_stopping = common.early_stopping()
   c.peft = common.peft()  # --config.peft.method=lora|adalora|adapter|prefix|prompt
+  c.distill = common.distill()  # --config.distill.teacher=RUN: a smaller LM from a larger one
 
   c.log_every = 10  # steps between metric writes
   c.eval_every = 500  # steps between validation passes (and at the end)

@@ -107,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "causal_lm"
   c.seed = 0
   c.init_from = ""  # a local HF decoder directory (config.json + safetensors + tokenizer)
+  c.init_layers = ""  # "0,5": a shallower model from init_from's layers 0 and 5 ("" = all)
   c.model = model()
 
   c.data = ml_collections.ConfigDict()
@@ -132,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.axis_rules = common.AXIS_RULES
   c.early_stopping = common.early_stopping()
   c.peft = common.peft()
+  c.distill = common.distill()  # --config.distill.teacher=RUN: a smaller LM from a larger one
 
   c.log_every = 10
   c.eval_every = 500

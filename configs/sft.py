@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "sft"
   c.seed = 0
   c.init_from = ""  # a local HF decoder directory, or a jaxft workdir (e.g. an earlier SFT)
+  c.init_layers = ""  # "0,5": a shallower model from init_from's layers 0 and 5 ("" = all)
   c.model = llama.model()  # filled from init_from's config.json when it is set
 
   c.data = ml_collections.ConfigDict()
@@ -64,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.axis_rules = common.AXIS_RULES
   c.early_stopping = common.early_stopping()
   c.adversarial = common.adversarial()  # --config.adversarial.method=fgm|pgd|freelb
+  c.distill = common.distill()  # --config.distill.teacher=RUN or .ema_decay: distillation
   c.peft = common.peft(targets=r"attn/(query|key|value|out)$|mlp/(gate|up|down)$")
 
   c.log_every = 10

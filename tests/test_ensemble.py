@@ -2,23 +2,29 @@
 member's own predict probabilities, vote = a hand-counted majority (ties to the higher mean),
 one member = that member, labels in another order mapped by name, disagreeing members refused
 naming both, evaluate's metrics from the combined predictions, and the server's /v1/classify.
+NER: per-token mean / vote against numpy over the members' own logits, through evaluate's
+predictions, entity scores and loss. QA: per-window start / end probabilities against numpy's
+average of the members' own eval outputs, and the answers single-model post-processing gives.
 
-Members are tiny random BERT classifiers (transformers, three seeds) saved as jaxft adapter
+Members are tiny random BERT heads (transformers, several seeds) saved as jaxft adapter
 directories (config.json + labels.json + adapter.safetensors), which open_run opens as runs."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import sklearn.metrics
 
 from configs import finetune
 from jaxft import tasks, trees
+from jaxft.data import qa_features
 from jaxft.inference import ensemble, prediction
 from jaxft.run import checkpoint, evaluation, loader
 from jaxft.run import workdir as workdir_lib
 from jaxft.serve.app import Settings, create_app
-from tests.helpers import FILLER, MONEY, SPORT, write_csv
+from jaxft.tasks import metrics, token_classification
+from tests.helpers import FILLER, MONEY, SPORT, eval_outputs, write_conll, write_csv, write_squad
 from tests.test_serve_encoder_routes import post_all
 from tests.test_serve_encoders import TOPICS, _save_head, _texts
 
@@ -217,3 +223,150 @@ def test_server_classify_serves_the_ensemble(runs, own, records):
     assert e.status_code == 404  # one model's vectors: not served for an ensemble
   finally:
     app.state.server.stop()
+
+
+# -- token classification (NER) and extractive QA ---------------------------------------------
+# Members: tiny random BertForTokenClassification / BertForQuestionAnswering heads (seeds 0, 1,
+# 2), opened as jaxft adapter runs on CoNLL / SQuAD files. References are numpy over each
+# member's own outputs: its logits (NER) or its eval_outputs' start / end logits (QA).
+
+NER_TAGS = ["B-LOC", "B-PER", "I-PER", "O"]  # write_conll's tags, sorted (the training order)
+
+
+def _runs_of(root, variant, cls_name, labels, seeds, **fields):
+  """Opened adapter runs of random `cls_name` heads, one per seed, on write_conll / write_squad
+  data (train: 20 examples, test: fields' or 24)."""
+  out = []
+  for seed in seeds:
+    hf_dir = _save_head(root / f"hf_{variant}{seed}", cls_name, labels, seed)
+    config = finetune.get_config(variant)
+    config.update({"init_from": hf_dir, "seq_len": SEQ_LEN, "eval_batch_size": 16})
+    config.data.update({"data_dir": str(root / "tfds"), **fields})
+    loader.resolve(config)
+    params = loader.open_run(hf_dir, seq_len=SEQ_LEN).variables
+    out.append(loader.open_run(_member(root, f"{variant}{seed}", params, labels, config)))
+  return out
+
+
+@pytest.fixture(scope="module")
+def ner_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("ner")
+  return _runs_of(root, "ner", "BertForTokenClassification", NER_TAGS, (0, 1, 2),
+                  train=write_conll(root / "train.conll", 20, 0),
+                  test=write_conll(root / "test.conll", 24, 1))
+
+
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _ner_probs(run):
+  """A member's own per-token probabilities [N, T, C] over the test split."""
+  task = run.task
+  outputs = evaluation.run_batches(jax.jit(lambda v, b: {"logits": task.logits(v, b)}),
+                                   task.eval_batches("test"), run.variables)
+  n = len(task.features("test")["inputs"])
+  return _softmax(task.gather(outputs, "logits", n, per_token=True).astype(np.float64))
+
+
+def _ner_check(ens, want, dist):
+  """The ensemble's evaluate path over the test split: per-token predictions == `want` [N, T]
+  at each word's first sub-token, entity scores from them, and the loss of `dist` [N, T, C]."""
+  task = ens.task
+  scores, outputs = evaluation.evaluate(task, evaluation.single_device_eval(task),
+                                        task.eval_batches("test"), ens.variables, split="test")
+  feats = task.features("test")
+  first, labels = feats["first_token"], feats["labels"]
+  words = first >= 0
+  got = task.gather(outputs, "predictions", len(first))
+  np.testing.assert_array_equal(got[words], want[words])
+  gold = [e["tags"] for e in task.splits["test"]]
+  pred = [token_classification.word_tags(first[i], want[i], len(gold[i]), NER_TAGS)
+          for i in range(len(gold))]
+  ref = metrics.entity_scores(gold, pred)
+  for key in ("precision", "recall", "f1", "accuracy"):
+    assert scores[key] == pytest.approx(ref[key], abs=1e-9), key
+  gold_p = np.take_along_axis(dist, labels[..., None], -1)[..., 0][words]
+  assert scores["loss"] == pytest.approx(-np.mean(np.log(gold_p)), rel=1e-4)
+  return got
+
+
+def test_ner_mean_and_vote_are_numpy_per_token(ner_runs):
+  probs = [_ner_probs(r) for r in ner_runs]
+  words = ner_runs[0].task.features("test")["first_token"] >= 0
+  own = [p.argmax(-1)[words] for p in probs]
+  assert np.mean(own[0] != own[1]) > 0.1  # the members disagree on many words
+  # mean: the average of two members' softmax probabilities, argmax per token
+  mean2 = (probs[0] + probs[1]) / 2
+  got = _ner_check(ensemble.make_ensemble(ner_runs[:2], "mean"), mean2.argmax(-1), mean2)
+  assert np.any(got[words] != own[0])  # not the first member alone
+  # vote: three members; most votes wins, a tie (1-1-1) goes to the higher mean probability
+  mean3 = sum(probs) / 3
+  votes = sum(np.eye(len(NER_TAGS))[p.argmax(-1)] for p in probs)
+  want = np.zeros(words.shape, int)
+  ties = 0
+  for i, t in zip(*np.nonzero(words)):
+    top = [c for c in range(len(NER_TAGS)) if votes[i, t, c] == votes[i, t].max()]
+    ties += len(top) > 1
+    want[i, t] = max(top, key=lambda c: mean3[i, t, c])
+  assert ties > 0
+  assert np.any(want[words] != mean3.argmax(-1)[words])  # a 2-1 vote overrules the mean
+  _ner_check(ensemble.make_ensemble(ner_runs, "vote"), want, (votes + mean3) / 4)
+
+
+@pytest.fixture(scope="module")
+def qa_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("qa")
+  # seq_len 32, doc_stride 8: most contexts span several windows
+  return _runs_of(root, "squad", "BertForQuestionAnswering", None, (0, 1),
+                  train=write_squad(root / "train.json", 10, 0),
+                  test=write_squad(root / "test.json", 16, 1), doc_stride=8,
+                  max_question_len=12)
+
+
+def test_qa_mean_averages_window_probabilities_and_answers_from_them(qa_runs):
+  lead = qa_runs[0].task
+  feats = lead.features("test")
+  windows = len(feats["inputs"])
+  real = feats["segment_ids"] > 0  # each window's positions (question, context, specials)
+  examples = list(lead.splits["test"])
+  assert windows > len(examples)  # long contexts are cut into several windows
+
+  def window_probs(logits):  # softmax over each window's real positions
+    return _softmax(np.where(real, logits.astype(np.float64), -np.inf))
+
+  own, own_answers = {}, []
+  for run in qa_runs:  # each member's own eval_outputs: raw start / end logits per window
+    outputs = eval_outputs(run.task, run.variables, run.task.eval_batches("test"))
+    own_answers.append(run.task._answers(examples, feats, outputs))
+    for key in ("start", "end"):
+      own.setdefault(key, []).append(window_probs(run.task.gather(outputs, key, windows)))
+  mean = {k: (v[0] + v[1]) / 2 for k, v in own.items()}
+  assert not np.allclose(own["start"][0][real], own["start"][1][real], atol=0.01)
+
+  task = ensemble.make_ensemble(qa_runs, "mean").task
+  scores, outputs = evaluation.evaluate(task, evaluation.single_device_eval(task),
+                                        task.eval_batches("test"), [r.variables for r in qa_runs],
+                                        split="test")
+  for key in ("start", "end"):  # the combined log-probabilities, per window position
+    got = np.exp(task.gather(outputs, key, windows))
+    np.testing.assert_allclose(got[real], mean[key][real], atol=2e-6)
+  # The answers: single-model post-processing (the lead's own task) on the averaged
+  # probabilities' logs.
+  averaged = [{k: np.log(np.maximum(mean[k], 1e-30)) for k in mean}]
+  want = lead._answers(examples, feats, averaged)
+  got = task._answers(examples, feats, outputs)
+  assert {k: a["text"] for k, a in got.items()} == {k: a["text"] for k, a in want.items()}
+  assert {k: a["text"] for k, a in got.items()} != {k: a["text"]
+                                                    for k, a in own_answers[0].items()}
+  ref = metrics.squad_scores({k: a["text"] for k, a in want.items()},
+                             qa_features.references(examples))
+  assert scores["exact_match"] == pytest.approx(ref["exact_match"])
+  assert scores["f1"] == pytest.approx(ref["f1"])
+  # The loss: the mean over windows of the start and end cross-entropies of the averages.
+  at = {k: feats[f"{k}_positions"] for k in mean}
+  nll = -0.5 * sum(np.log(mean[k][np.arange(windows), at[k]]) for k in mean)
+  assert scores["loss"] == pytest.approx(np.mean(nll), rel=1e-4)
+  with pytest.raises(ValueError, match="--ensemble=vote: QA answers are spans"):
+    ensemble.make_ensemble(qa_runs, "vote")

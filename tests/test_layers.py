@@ -19,10 +19,10 @@ LAYERS = (
     ("jaxft.tasks",),
     ("jaxft.run",),
     ("jaxft.training", "jaxft.inference"),
-    ("jaxft.serve", "jaxft.trimming", "jaxft.sweeping"),
+    ("jaxft.serve", "jaxft.trimming", "jaxft.sweeping", "jaxft.lifelong"),
     ("jaxft.bench", "jaxft.train", "jaxft.evaluate", "jaxft.predict", "jaxft.generate",
      "jaxft.export", "jaxft.prompt_eval",
-     "jaxft.quantize", "jaxft.trim", "jaxft.augment", "jaxft.sweep"),
+     "jaxft.quantize", "jaxft.trim", "jaxft.augment", "jaxft.sweep", "jaxft.continual"),
 )
 # Function-local imports are for heavy optional dependencies only (each with a comment saying
 # so); everything else is imported at the top of its module, where this test sees the order.

@@ -95,6 +95,15 @@ class Tokenizer:
       tok.enable_truncation(max_len)
     return tok
 
+  def spec(self) -> dict:
+    """What the tokenizer does to text (vocabulary, normaliser, pre-tokeniser, post-processor),
+    without the truncation / padding settings jaxft sets per use: equal specs encode alike
+    (ensemble members, a distillation teacher and its student)."""
+    spec = json.loads(self._tok.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return spec
+
   def special_id(self, role: str) -> int:
     """Id of a special token by role ("cls_token", "sep_token", "pad_token", "mask_token")."""
     if role not in self.special:

@@ -14,11 +14,14 @@ from jaxft.hf.convert import (
   load_bert_params,
   load_hf_params,
   load_params,
+  read_tensors,
   save_hf,
+  select_layers,
   to_hf_tensors,
 )
 from jaxft.hf.tables import ARCHITECTURES, Arch, Row
 
 __all__ = ["ARCHITECTURES", "CONFIG_FILE", "Arch", "Row", "bert_config_dict", "config_dict",
            "gpt2_config_dict", "label_names", "load_bert_params", "load_hf_params", "load_params",
-           "model_overrides", "read_hf_config", "save_hf", "to_hf_tensors"]
+           "model_overrides", "read_hf_config", "read_tensors", "save_hf", "select_layers",
+           "to_hf_tensors"]

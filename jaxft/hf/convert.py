@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 
 import jax
@@ -87,6 +88,33 @@ def _read_torch(file: str) -> dict[str, np.ndarray]:
 
   state = torch.load(file, weights_only=True, map_location="cpu")
   return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
+
+
+_LAYER_INDEX = re.compile(r"(^|\.)(layer|layers|h)\.(\d+)\.")
+
+
+def select_layers(tensors: dict[str, np.ndarray], layers: list[int]) -> dict[str, np.ndarray]:
+  """An HF state dict keeping only the transformer layers `layers` (in that order: the i-th
+  kept layer becomes layer i), e.g. a 2-layer student started from layers 0 and 5 of a 6-layer
+  model (BERT's encoder.layer.N, GPT-2's h.N, the decoders' layers.N)."""
+  present = {int(m.group(3)) for k in tensors if (m := _LAYER_INDEX.search(k))}
+  missing = sorted(set(layers) - present)
+  if missing:
+    raise ValueError(f"config.init_layers names layers {missing} that the checkpoint lacks "
+                     f"(it has layers 0..{max(present, default=-1)})")
+  new_index = {old: new for new, old in enumerate(layers)}
+  out = {}
+  for key, value in tensors.items():
+    m = _LAYER_INDEX.search(key)
+    if m is None:
+      out[key] = value
+    elif int(m.group(3)) in new_index:
+      out[key[:m.start(3)] + str(new_index[int(m.group(3))]) + key[m.end(3):]] = value
+  return out
+
+
+def read_tensors(path: str) -> dict[str, np.ndarray]:
+  return _read_tensors(path)
 
 
 def _read_tensors(path: str) -> dict[str, np.ndarray]:

@@ -91,15 +91,6 @@ def _field(config, dotted: str):
   return node
 
 
-def _tokenizer_spec(task) -> dict:
-  """What the tokenizer does to text (vocabulary, normaliser, pre-tokeniser, post-processor),
-  without the truncation / padding settings jaxft sets per use."""
-  spec = json.loads(task.tokenizer.backend.to_str())
-  spec.pop("truncation", None)
-  spec.pop("padding", None)
-  return spec
-
-
 def check_members(runs: Sequence, mode: str) -> None:
   """Raises ValueError naming both workdirs and the field where a member cannot join."""
   if mode not in MODES:
@@ -137,7 +128,7 @@ def _check_pair(first, run) -> None:
     if a != b:
       _refuse(first, run, f"config.{field}", a, b, "one featurised batch feeds every member, "
               "so they must featurise alike (ensemble runs trained with the same data settings)")
-  if _tokenizer_spec(run.task) != _tokenizer_spec(first.task):
+  if run.task.tokenizer.spec() != first.task.tokenizer.spec():
     _refuse(first, run, "the tokenizer (config.data.tokenizer)",
             first.config.data.get("tokenizer"), run.config.data.get("tokenizer"),
             "members must share a tokenizer (vocabulary and text processing)")

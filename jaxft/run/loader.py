@@ -187,9 +187,35 @@ def resolve(config):
     log.info("init_from %s sets config.model fields: %s", path, changed)
   with config.unlocked():
     config.model.update(overrides)
+    layers = init_layers(config)
+    if layers:  # a shallower model started from some of init_from's layers
+      config.model[_layers_field(config.model)] = len(layers)
     if not config.data.get("tokenizer") and tokenizer:
       config.data.tokenizer = tokenizer
   return config
+
+
+def _layers_field(model_config) -> str:
+  return "n_layer" if model_config.get("family", "gpt2") == "gpt2" else "num_hidden_layers"
+
+
+def init_layers(config) -> list[int]:
+  """config.init_layers ("0,5": the model's layers are init_from's layers 0 and 5), parsed;
+  [] = all of init_from's layers."""
+  spec = str(config.get("init_layers", "") or "").strip()
+  if not spec:
+    return []
+  try:
+    layers = [int(x) for x in spec.split(",")]
+  except ValueError:
+    raise ValueError(f"config.init_layers={spec!r}: give comma-separated layer indices of "
+                     "config.init_from, e.g. '0,5'") from None
+  if len(set(layers)) != len(layers) or min(layers) < 0:
+    raise ValueError(f"config.init_layers={spec!r}: layer indices must be distinct and >= 0")
+  if not config.get("init_from"):
+    raise ValueError(f"config.init_layers={spec!r} needs config.init_from: the model whose "
+                     "layers start the run")
+  return layers
 
 
 def _workdir_tensors(path: str) -> dict:
@@ -216,6 +242,9 @@ def initial_variables(task, config, lay) -> dict:
   if not path:
     return variables
   tensors = _workdir_tensors(path) if workdir_lib.is_workdir(path) else None
+  layers = init_layers(config)
+  if layers:
+    tensors = hf.select_layers(tensors if tensors is not None else hf.read_tensors(path), layers)
 
   def head_init():  # a new head's init draws from the seed itself (the figures in the docs)
     return nn.unbox(task.init(jax.random.key(config.seed), config.seq_len))["params"]

@@ -1,8 +1,10 @@
 """The optax chain: warmup + cosine or linear schedule, AdamW with a weight-decay mask, clipping."""
 
 import re
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -44,10 +46,43 @@ def weight_decay_mask(params, optim_cfg):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim_cfg, num_steps: int, peft_method=None
+class ParamsEmaState(NamedTuple):
+  ema: optax.Params
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+  """Keeps ema <- decay * ema + (1 - decay) * params after each update (the params the update
+  makes), starting at the initial params; the updates pass through unchanged. In the optimizer
+  state, the EMA is checkpointed and resumed with it, sharded like the params."""
+  def init(params):
+    return ParamsEmaState(ema=jax.tree.map(jnp.asarray, params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("params_ema needs the params: call tx.update(grads, state, params)")
+    new = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), state.ema,
+                       new)
+    return updates, ParamsEmaState(ema=ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def ema_params(opt_state):
+  """The EMA of the params kept by params_ema inside an optimizer state."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+      x, ParamsEmaState)) if isinstance(s, ParamsEmaState)]
+  if len(found) != 1:
+    raise ValueError(f"the optimizer state holds {len(found)} parameter EMAs; self-"
+                     "distillation needs exactly one (config.distill.ema_decay)")
+  return found[0].ema
+
+
+def make_optimizer(optim_cfg, num_steps: int, peft_method=None, ema_decay: float = 0.0
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The chain for the trainable params. A PEFT method sets the peak learning rate
-  (config.peft.lr or its default) and may wrap the chain (AdaLoRA's rank budget)."""
+  (config.peft.lr or its default) and may wrap the chain (AdaLoRA's rank budget).
+  `ema_decay` > 0 keeps an EMA of the params after it (params_ema: self-distillation)."""
   if peft_method is not None and peft_method.name != "none":
     optim_cfg = optim_cfg.copy_and_resolve_references()
     with optim_cfg.unlocked():
@@ -62,4 +97,6 @@ def make_optimizer(optim_cfg, num_steps: int, peft_method=None
   tx = optax.chain(*chain)
   if peft_method is not None:
     tx = peft_method.wrap_optimizer(tx, num_steps)
+  if ema_decay:
+    tx = optax.chain(tx, params_ema(ema_decay))
   return tx, schedule

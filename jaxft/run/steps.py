@@ -13,7 +13,16 @@ from jaxft import trees
 from jaxft.models import dropout
 from jaxft.parallel import sharding
 from jaxft.run import adversarial as adversarial_lib
+from jaxft.run import distill, ewc
 from jaxft.run.state import TrainState
+
+AUX = "_aux"  # reserved key of the train step's `frozen`: inputs that are not the model's
+
+
+def split_aux(frozen) -> tuple[dict, dict]:
+  """(the model's frozen variables, the AUX inputs) of the train step's `frozen` argument."""
+  frozen = dict(frozen)
+  return frozen, frozen.pop(AUX, {})
 
 
 def _split_micro(batch, n: int):
@@ -25,20 +34,25 @@ def _split_micro(batch, n: int):
   return jax.tree.map(split, batch)
 
 
-def gradient_fn(loss_fn, regularizer=None, adversarial=None):
+def gradient_fn(loss_fn, regularizer=None, adversarial=None, penalty=None):
   """grad_fn(params, frozen, batch, rng, row_ids) -> ((loss_sum, aux), grads of params): the
   loss of the variables combine(frozen, params), dropout drawn per example by row_ids.
-  `regularizer(variables)` (AdaLoRA's orthogonality penalty) adds to the mean loss.
+  `regularizer(variables)` (AdaLoRA's orthogonality penalty) and `penalty(variables, inputs)`
+  (EWC's, reading frozen's AUX inputs) add to the mean loss.
   `adversarial` (config.adversarial, checked): FGM / PGD / FreeLB on the token embeddings
   (jaxft/run/adversarial.py)."""
   perturbed_loss = adversarial_lib.with_deltas(loss_fn)
 
   def loss_of_trainable(params, deltas, frozen, batch, rng, row_ids):
+    frozen, inputs = split_aux(frozen)
     variables = trees.combine(frozen, params)
     with dropout.per_example(row_ids):
       loss_sum, aux = perturbed_loss(variables, deltas, batch, rng, False)
-    if regularizer is not None:  # x weight: the step divides the sum by the total weight
+    # x weight: the step divides the sum by the total weight
+    if regularizer is not None:
       loss_sum = loss_sum + regularizer(variables) * aux["weight"]
+    if penalty is not None:
+      loss_sum = loss_sum + penalty(variables, inputs) * aux["weight"]
     return loss_sum, aux
 
   if adversarial is None:
@@ -48,14 +62,23 @@ def gradient_fn(loss_fn, regularizer=None, adversarial=None):
 
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    regularizer=None, adversarial=None):
+                    regularizer=None, adversarial=None, teacher_logits=None, penalty=None):
   """loss_fn(variables, batch, rng, deterministic) -> (loss_sum, aux sums: 'weight', 'tokens',
   'correct'); see jaxft/tasks/base.py. The step is train_step(state, frozen, batch): gradients
-  are taken for state.params (the trainable variables) only; `frozen` completes the variables.
-  `regularizer` and `adversarial`: see gradient_fn."""
-  grad_fn = gradient_fn(loss_fn, regularizer, adversarial)
+  are taken for state.params (the trainable variables) only; `frozen` completes the variables,
+  and its reserved entry AUX (if any) holds inputs that are not the model's (a
+  distillation teacher's variables, EWC's Fisher). `regularizer`, `penalty` and
+  `adversarial`: see gradient_fn.
+  `teacher_logits(aux, frozen, state, batch)` (jaxft/run/distill.py) adds the teacher's logits
+  of the whole batch as batch[distill.TEACHER_LOGITS] before the loss (and any split into
+  micro-batches) reads it."""
+  grad_fn = gradient_fn(loss_fn, regularizer, adversarial, penalty)
 
   def train_step(state: TrainState, frozen, batch):
+    if teacher_logits is not None:
+      model_frozen, inputs = split_aux(frozen)
+      batch = {**batch, distill.TEACHER_LOGITS: teacher_logits(inputs, model_frozen, state,
+                                                                batch)}
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     rows = {x.shape[0] for x in jax.tree.leaves(batch)}
     if len(rows) != 1:
@@ -100,18 +123,35 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_ac
   return train_step
 
 
-def jit_steps(task, tx, schedule, config, lay, shardings, mesh):
+def jit_steps(task, tx, schedule, config, lay, shardings, mesh, teacher=None, ewc_inputs=None):
   """(train_step, eval_step, batch sharding, frozen-variable shardings), jitted with the
-  shardings of everything they take."""
+  shardings of everything they take. `teacher` (distill.make_teacher) and `ewc_inputs` (the
+  shardings of EWC's {"fisher", "anchor"}): the train step's `frozen` then carries
+  distill.aux_inputs(teacher) and {"ewc": ...} under AUX."""
   batch_sh = sharding.batch_sharding(mesh, config.axis_rules)
   _, frozen_sh = lay.split(lay.shardings)
-  loss = sharding.constrained(task.loss, mesh, config.axis_rules)
+  loss, teacher_logits, step_frozen_sh = task.loss, None, frozen_sh
+  if teacher is not None:
+    loss = distill.make_loss(task, distill.settings(config))
+    if not teacher.cached:  # else the batches carry them
+      teacher_logits = teacher.logits_fn(mesh, config.axis_rules)
+  aux_sh = distill.aux_inputs(teacher)[1]
+  penalty = None
+  if ewc_inputs is not None:
+    aux_sh = {**aux_sh, "ewc": ewc_inputs}
+    weight = float(config.continual.ewc_weight)
+    penalty = lambda variables, inputs: ewc.penalty(  # noqa: E731
+        variables["params"], inputs["ewc"], weight)
+  if aux_sh:
+    step_frozen_sh = {**frozen_sh, AUX: aux_sh}
+  loss = sharding.constrained(loss, mesh, config.axis_rules)
   eval_outputs = sharding.constrained(task.eval_outputs, mesh, config.axis_rules)
   train_step = jax.jit(
       make_train_step(loss, tx, schedule, config.grad_accum_steps,
                       regularizer=task.peft.regularizer,
-                      adversarial=adversarial_lib.settings(config)),
-      in_shardings=(shardings, frozen_sh, None), out_shardings=(shardings, None),
+                      adversarial=adversarial_lib.settings(config),
+                      teacher_logits=teacher_logits, penalty=penalty),
+      in_shardings=(shardings, step_frozen_sh, None), out_shardings=(shardings, None),
       donate_argnums=0)
   eval_step = jax.jit(lambda p, f, b: eval_outputs(trees.combine(f, p), b),
                       in_shardings=(shardings.params, frozen_sh, None))

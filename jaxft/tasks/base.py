@@ -32,6 +32,7 @@ class Task(abc.ABC):
   data_defaults: dict = {}
   default_seq_len = 0
   needs_start = False  # `prepare` derives data from the starting model (DPO's reference)
+  distillable = False  # implements outputs / loss_from_outputs / distill_view (config.distill)
 
   def __init__(self, config: ml_collections.ConfigDict, labels: list[str] | None = None):
     self.config = config
@@ -148,6 +149,25 @@ class Task(abc.ABC):
   def hf_labels(self, batch: dict) -> dict:
     """The label keyword arguments of the transformers peer's loss."""
     raise NotImplementedError(f"the {self.name} task has no transformers peer for --torch")
+
+  # -- knowledge distillation (jaxft/run/distill.py) --------------------------------------------
+  # A task that implements these three trains with config.distill: the loss is then
+  # loss_from_outputs(outputs(...)) plus the KL between the teacher's and the student's
+  # distill_view of the same batch, so the student's forward pass is shared by both terms.
+
+  def outputs(self, variables, batch, rng=None, deterministic: bool = True):
+    """The model outputs the loss reads (logits; QA's start and end logits)."""
+    raise NotImplementedError(f"the {self.name} task does not support distillation")
+
+  def loss_from_outputs(self, outputs, batch):
+    """`loss` given `outputs(variables, batch, ...)`: (loss sum, aux sums)."""
+    raise NotImplementedError(f"the {self.name} task does not support distillation")
+
+  def distill_view(self, outputs, batch):
+    """(logits [B, ..., C], weights [B, ...]): the distributions a teacher and its student
+    compare, one per example, token or answer end, with weights that sum to the loss's
+    "weight" (so the KD term is a mean over the same count as the loss)."""
+    raise NotImplementedError(f"the {self.name} task does not support distillation")
 
   # -- jaxft.predict (tasks with prediction_fields) ---------------------------------------------
 

@@ -26,6 +26,7 @@ class CausalLM(Task):
 
   name = "causal_lm"
   generative = True
+  distillable = True
 
   def __init__(self, config: ml_collections.ConfigDict, labels=None):
     super().__init__(config, labels)
@@ -71,7 +72,19 @@ class CausalLM(Task):
                                                 embedding_grad=self.embedding_trains,
                                                 softcap=self.logit_softcap)
       return loss_sum, {"weight": tokens, "tokens": tokens, "correct": correct}
-    logits = self._forward(variables, batch, rng, deterministic)
+    return self.loss_from_outputs(self._forward(variables, batch, rng, deterministic), batch)
+
+  # Distillation compares whole next-token distributions: [B, T, V] logits of the student and
+  # the teacher, never the fused loss's chunks (docs/distillation.md: the memory it costs).
+  def outputs(self, variables, batch, rng=None, deterministic: bool = True):
+    return self._forward(variables, batch, rng, deterministic)
+
+  def distill_view(self, logits, batch):
+    return logits.astype(jnp.float32), batch["loss_mask"].astype(jnp.float32)
+
+  def loss_from_outputs(self, logits, batch):
+    mask = batch["loss_mask"].astype(jnp.float32)
+    tokens = jnp.sum(mask)
     losses = token_cross_entropy(logits, batch["targets"])
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     return jnp.sum(losses * mask), {"weight": tokens, "tokens": tokens,

@@ -53,6 +53,7 @@ def encode_texts(tokenizer, texts: list[str], max_len: int, family: str) -> dict
 
 class SequenceClassification(LabeledTask):
   name = "classification"
+  distillable = True
   trainable_head = r"^(classifier|score)/"  # BERT's classifier, the decoders' score
   kind = "classification"
   has_labels = True
@@ -97,7 +98,15 @@ class SequenceClassification(LabeledTask):
             for e, p in zip(examples, probs)]
 
   def loss(self, variables, batch, rng, deterministic: bool = False):
-    logits = self.logits(variables, batch, rng, deterministic)
+    return self.loss_from_outputs(self.logits(variables, batch, rng, deterministic), batch)
+
+  def outputs(self, variables, batch, rng=None, deterministic: bool = True):
+    return self.logits(variables, batch, rng, deterministic)
+
+  def distill_view(self, logits, batch):
+    return logits.astype(jnp.float32), batch["example_mask"]  # [B, (slots,) C], [B, (slots)]
+
+  def loss_from_outputs(self, logits, batch):
     mask = batch["example_mask"]
     correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
     return (jnp.sum(cross_entropy(logits, batch["labels"]) * mask),

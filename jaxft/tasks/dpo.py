@@ -63,6 +63,7 @@ def last_runs(mask: list[bool], k: int) -> list[bool]:
 
 class PreferenceTuning(LabeledTask, CausalLM):
   name = "dpo"
+  distillable = False  # its loss compares two sequences with a reference, not one target
   head = "causal_lm"
   kind = "preference"
   generative = True

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from grain import experimental as grain_experimental
 
-from jaxft.data import augment, labeled, packing, pipeline
+from jaxft.data import augment, continual, labeled, packing, pipeline
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.tasks.base import Task
 
@@ -132,7 +132,7 @@ class LabeledTask(Task, abc.ABC):
     splits = labeled.load_splits(self.config.data, self.kind)
     train = train_subset(splits["train"], float(self.config.data.get("train_fraction", 1.0)),
                          int(self.config.data.get("split_seed", 0)))
-    return {**splits, "train": train}
+    return continual.stage_splits({**splits, "train": train}, self.config, self.kind)
 
   @functools.cached_property
   def augmenter(self) -> augment.Augmenter | None:
@@ -188,7 +188,26 @@ class LabeledTask(Task, abc.ABC):
       if split not in self.splits:
         raise ValueError(f"unknown split {split!r}; the splits are {list(self.splits)}")
       self._features[split] = self.complete(self.featurize(self.splits[split], split))
+      if split == "train":
+        self._features[split].update(self.train_columns)
     return self._features[split]
+
+  @functools.cached_property
+  def train_columns(self) -> dict[str, np.ndarray]:  # set by add_train_columns
+    return {}
+
+  def add_train_columns(self, columns: dict[str, np.ndarray]) -> None:
+    """Per-example columns [N, ...] every training batch carries from now on (a distillation
+    teacher's cached logits); unpacked rows without augmentation only (they follow rows)."""
+    n = len(self.features("train")["inputs"])
+    for key, value in columns.items():
+      if len(value) != n:
+        raise ValueError(f"the training column {key} has {len(value)} rows for {n} examples")
+    if self.packing or self.augmenter:
+      raise ValueError("cached per-example training columns need unpacked, unaugmented rows: "
+                       "set config.data.packing=False and config.augment.method='none'")
+    self.train_columns.update(columns)
+    self._features.pop("train", None)
 
   def complete(self, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Adds what every featurised split has: example_mask (1 = real row) and positions."""
@@ -199,7 +218,7 @@ class LabeledTask(Task, abc.ABC):
 
   def device_arrays(self, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     keys = ("inputs", "segment_ids", "token_types", "positions", "example_mask", *self.batch_keys)
-    return {k: f[k] for k in keys}
+    return {**{k: f[k] for k in keys}, **{k: f[k] for k in self.train_columns if k in f}}
 
   @property
   def _token_keys(self) -> tuple[str, ...]:

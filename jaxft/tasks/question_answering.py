@@ -19,6 +19,7 @@ from jaxft.tasks.labeled import LabeledTask
 
 class QuestionAnswering(LabeledTask):
   name = "question_answering"
+  distillable = True
   trainable_head = r"^qa_outputs/"
   kind = "qa"
   default_metric = ("f1", "max")
@@ -91,7 +92,21 @@ class QuestionAnswering(LabeledTask):
     return jnp.sum(per_window * mask), jnp.sum(correct * mask)
 
   def loss(self, variables, batch, rng, deterministic: bool = False):
-    start, end = self.logits(variables, batch, rng, deterministic)
+    return self.loss_from_outputs(self.logits(variables, batch, rng, deterministic), batch)
+
+  def outputs(self, variables, batch, rng=None, deterministic: bool = True):
+    return self.logits(variables, batch, rng, deterministic)
+
+  def distill_view(self, outputs, batch):
+    """The start and end distributions of each window (packed: of each slot's window), each
+    weighing half an example, as the loss's mean of the two cross-entropies does."""
+    start, end, _, _ = self._per_window(*outputs, batch)
+    view = jnp.stack([start, end], axis=-2).astype(jnp.float32)  # [B, (K,) 2, T]
+    weights = 0.5 * batch["example_mask"].astype(jnp.float32)
+    return view, jnp.stack([weights, weights], axis=-1)
+
+  def loss_from_outputs(self, outputs, batch):
+    start, end = outputs
     loss_sum, correct = self._loss_terms(start, end, batch)
     return loss_sum, {"weight": jnp.sum(batch["example_mask"]),
                       "tokens": jnp.sum(batch["segment_ids"] > 0), "correct": correct}

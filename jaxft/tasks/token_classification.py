@@ -46,6 +46,7 @@ def word_tags(first_token: np.ndarray, predictions: np.ndarray, n_words: int,
 
 class TokenClassification(LabeledTask):
   name = "token_classification"
+  distillable = True
   trainable_head = r"^classifier/"
   kind = "ner"
   has_labels = True
@@ -105,7 +106,15 @@ class TokenClassification(LabeledTask):
     return loss_sum, mask
 
   def loss(self, variables, batch, rng, deterministic: bool = False):
-    logits = self.logits(variables, batch, rng, deterministic)
+    return self.loss_from_outputs(self.logits(variables, batch, rng, deterministic), batch)
+
+  def outputs(self, variables, batch, rng=None, deterministic: bool = True):
+    return self.logits(variables, batch, rng, deterministic)
+
+  def distill_view(self, logits, batch):
+    return logits.astype(jnp.float32), batch["label_mask"]  # [B, T, C], [B, T]
+
+  def loss_from_outputs(self, logits, batch):
     loss_sum, mask = self._loss_terms(logits, batch)
     correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
     return loss_sum, {"weight": jnp.sum(mask), "tokens": jnp.sum(batch["segment_ids"] > 0),

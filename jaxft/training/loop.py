@@ -127,7 +127,7 @@ def train_loop(s: Setup, writer: logs.Writer, tracker: best_lib.BestTracker,
       if stopped:
         break
       batch = next(s.train_iter)  # prepared during the previous step (run/prefetch.py)
-      state, step_metrics = s.train_step(state, s.frozen, batch)
+      state, step_metrics = s.train_step(state, s.step_frozen, batch)
       step_log.pending.append(step_metrics)
       done = step + 1
       bar.update(1)

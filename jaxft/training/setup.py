@@ -14,7 +14,7 @@ import ml_collections
 from jaxft import tasks, trees
 from jaxft.data.tokenizer import load_tokenizer
 from jaxft.parallel import distributed, sharding
-from jaxft.run import checkpoint, loader, optim, prefetch, steps
+from jaxft.run import checkpoint, distill, ewc, loader, optim, prefetch, steps
 from jaxft.run import state as state_lib
 from jaxft.run import workdir as workdir_lib
 from jaxft.training import best, resume
@@ -33,6 +33,7 @@ class Setup:
   shardings: state_lib.TrainState
   state: state_lib.TrainState
   frozen: dict  # the variables that never train (a PEFT run's base), beside the state
+  aux: dict  # the train step's inputs that are not the model's (a distillation teacher)
   meta: dict  # the restored checkpoint's metadata ({} for a new run)
   ckpt: checkpoint.Checkpointer
   train_iter: Any  # run/prefetch.DeviceBatches: on-device batches, checkpointable
@@ -44,6 +45,11 @@ class Setup:
   eval_every: int
   checkpoint_every: int
   base_fingerprint: float
+
+  @property
+  def step_frozen(self) -> dict:
+    """The train step's `frozen` argument: the frozen variables, and the AUX inputs."""
+    return {**self.frozen, steps.AUX: self.aux} if self.aux else self.frozen
 
   @property
   def process(self) -> dict:
@@ -118,13 +124,20 @@ def _setup(config, workdir: str, mesh, ckpt: checkpoint.Checkpointer) -> Setup:
   if task.needs_start:  # e.g. DPO's reference log-probs, before its batches are made
     start = None if resuming else loader.initial_variables(task, config, lay)
     task.prepare(workdir, start)
+  # The teacher is checked before compiling anything: a wrong one fails here. Cached logits
+  # join the training rows, so they come before the iterator.
+  teacher = distill.make_teacher(config, task, mesh)
+  if teacher is not None and distill.settings(config).cache:
+    distill.cache_logits(teacher, task, workdir, resuming, mesh, config.axis_rules)
   # Prepared on a background thread and put on the devices while the step before runs.
   train_iter = prefetch.DeviceBatches(task.train_iterator(config.data.shuffle_seed, **proc),
                                       sharding.batch_sharding(mesh, config.axis_rules))
   eval_batches = task.eval_batches("validation", **proc)
   steps_total = num_steps(config, task)
   every = eval_every(config, task)
-  tx, schedule = optim.make_optimizer(config.optim, steps_total, task.peft)
+  distilling = distill.settings(config)
+  tx, schedule = optim.make_optimizer(config.optim, steps_total, task.peft,
+                                      ema_decay=distilling.ema_decay if distilling else 0.0)
 
   shardings = state_lib.state_shardings(lay, tx, mesh)
   restored = resume.restore_newest(ckpt, state_lib.abstract_state(lay, tx, shardings),
@@ -149,10 +162,14 @@ def _setup(config, workdir: str, mesh, ckpt: checkpoint.Checkpointer) -> Setup:
       workdir_lib.save_labels(workdir, task.labels)
     workdir_lib.save_config(workdir, config)
     workdir_lib.write_run_info(workdir)
+  ewc_state, ewc_sh = ewc.step_inputs(config, lay)
   train_step, eval_step, batch_sh, _ = steps.jit_steps(task, tx, schedule, config, lay,
-                                                       shardings, mesh)
+                                                       shardings, mesh, teacher, ewc_sh)
+  aux = distill.aux_inputs(teacher)[0]
+  if ewc_state is not None:
+    aux["ewc"] = ewc_state
   return Setup(config=config, workdir=workdir, mesh=mesh, task=task, layout=lay, tx=tx,
-               shardings=shardings, state=state, frozen=frozen, meta=meta, ckpt=ckpt,
+               shardings=shardings, state=state, frozen=frozen, aux=aux, meta=meta, ckpt=ckpt,
                train_iter=train_iter, eval_batches=eval_batches, train_step=train_step,
                eval_step=eval_step, batch_sharding=batch_sh, num_steps=steps_total,
                eval_every=every, checkpoint_every=int(config.checkpoint_every) or every,
