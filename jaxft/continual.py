@@ -1,16 +1,17 @@
 """Continual learning over class-incremental stages, with the forgetting report.
 
     python -m jaxft.continual --config configs/finetune.py:bbc_news --workdir runs/cl \
-        --stage business,entertainment,politics --stage sport,tech \
+        --stage business,entertainment,politics --stage sports,tech \
         --strategy naive --strategy ewc --strategy replay --strategy lora \
-        [--ewc_weight 1000] [--replay_ratio 0.2 --replay_size 200] [--config.FIELD=VALUE ...]
+        [--ewc_weight 1e7] [--replay_ratio 0.2 --replay_size 200] [--config.FIELD=VALUE ...]
 
-Each strategy trains the stages in order into <workdir>/<strategy>/stage_k (one
-train_and_evaluate each; the head always has every label); after each stage it scores the test
-examples of every stage so far. <workdir>/<strategy>/report.md holds the accuracy matrix,
-average accuracy, backward transfer and forgetting; <workdir>/report.md compares the
-strategies (forgetting as a fraction of naive fine-tuning's). Rerunning continues: finished
-stages are skipped, an interrupted one resumes. docs/continual-learning.md.
+Each strategy trains the stages in order (one train_and_evaluate each, the head always has
+every label): stage 0 of naive / ewc / replay once into <workdir>/stage_0 (they share it), the
+later stages and every LoRA stage into <workdir>/<strategy>/stage_k; after each stage it
+scores the test examples of every stage so far. <workdir>/<strategy>/report.md holds the
+accuracy matrix, average accuracy, backward transfer and forgetting; <workdir>/report.md
+compares the strategies (forgetting as a fraction of naive fine-tuning's). Rerunning
+continues: finished stages are skipped, an interrupted one resumes. docs/continual-learning.md.
 """
 
 import logging
@@ -32,7 +33,7 @@ def _define_flags() -> None:
                                   "apply to each", lock_config=True)
   flags.DEFINE_string("workdir", None, "directory of the strategies' stages and the reports")
   flags.DEFINE_multi_string("stage", [], "one stage's labels, comma-separated; repeat in "
-                            "order (e.g. --stage business,politics --stage sport,tech)")
+                            "order (e.g. --stage business,politics --stage sports,tech)")
   flags.DEFINE_multi_enum("strategy", ["naive"], list(STRATEGIES), "strategies to run (each "
                           "in <workdir>/<strategy>); repeatable")
   defaults = Options()

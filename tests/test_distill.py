@@ -105,12 +105,15 @@ def _student_config(dirs, tmp_path, **fields):
       "log_every": 1, "optim.lr": 1e-3, "optim.warmup_fraction": 0.0, **fields})
 
 
-@pytest.mark.parametrize("cache", [False, True])
-def test_training_loss_is_the_kd_formula_on_teacher_and_student_logits(dirs, tmp_path, cache):
+@pytest.mark.parametrize("cache,accumulate", [(False, 2), (True, 1)])
+def test_training_loss_is_the_kd_formula_on_teacher_and_student_logits(dirs, tmp_path, cache,
+                                                                        accumulate):
   """The first step's logged loss, CE and KD equal the formula computed from the teacher's own
   logits (its classes in another order than the student's) and the student's initial logits
-  on the first training batch; on the fly in the step, or cached in the workdir once."""
-  config = _student_config(dirs, tmp_path, num_steps=2, **{
+  on the first training batch; on the fly in the step (per micro-batch of gradient
+  accumulation), or cached in the workdir once."""
+  config = _student_config(dirs, tmp_path, num_steps=2, grad_accum_steps=accumulate,
+                           batch_size=8 * accumulate, **{
       "distill.teacher": dirs["teacher"], "distill.alpha": 0.25, "distill.temperature": 3.0,
       "distill.cache": cache})
   config.model.update(NO_DROPOUT)
@@ -188,6 +191,12 @@ def test_init_layers_takes_the_named_layers(dirs):
   assert not any(".layer.1." in k for k in ours)
   with pytest.raises(ValueError, match=r"config\.init_layers names layers \[7\]"):
     hf.select_layers(theirs, [0, 7])
+  set_fields(config, {"init_layers": "0,2"})
+  with pytest.raises(ValueError, match=r"config\.init_layers='0,2': .* has 2 layers"):
+    loader.resolve(config)
+  set_fields(config, {"init_from": ""})
+  with pytest.raises(ValueError, match=r"config\.init_layers='0,2' needs config\.init_from"):
+    loader.resolve(config)
 
 
 def test_errors_name_the_field(dirs, tmp_path):

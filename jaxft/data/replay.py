@@ -9,9 +9,10 @@ with the same probability, capacity / seen: the buffer is a uniform sample of al
 stages, however long each stage was. A buffer saved after one stage is continued by the next
 (its `seen` count travels with it in the file's first line).
 
-Mixing is per epoch and deterministic: a stage with n examples of its own and replay ratio r
-trains on round(r / (1 - r) * n) buffer examples beside them (cycling the buffer in a seeded
-order when it holds fewer), so a fraction r of every epoch comes from the buffer. The mixed
+Mixing is drawn once per stage and deterministic: a stage with n examples of its own and replay
+ratio r trains on round(r / (1 - r) * n) buffer examples beside them (a seeded choice, cycling
+the buffer when it holds fewer), the same ones every epoch, so a fraction r of every epoch
+comes from the buffer. The mixed
 list is the training split grain shuffles, so a resumed stage continues bit-exactly from its
 iterator state, as any run does.
 """

@@ -112,8 +112,12 @@ def rank_allocator(tx: optax.GradientTransformation, cfg, num_steps: int, init_r
 
 def rank_pattern(opt_state) -> dict[str, int] | None:
   """{module path: ranks kept} from a train state's optimizer state (None if not AdaLoRA)."""
-  if not isinstance(opt_state, AllocatorState):
+  # The allocator may sit inside a chain (self-distillation appends a params EMA).
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+      x, AllocatorState)) if isinstance(s, AllocatorState)]
+  if not found:
     return None
+  opt_state = found[0]
   pattern = {}
   for k, v in flat(distributed.to_host(opt_state.keep)).items():
     path = "/".join(k[:-1])

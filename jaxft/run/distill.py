@@ -162,6 +162,11 @@ def _check_compatible(path: str, run, student, config) -> None:
     raise ValueError(f"config.distill.teacher={path!r} predicts the labels {run.labels}; the "
                      f"student's are {student.labels}: teacher and student need the same label "
                      "set (the order may differ)")
+  model = run.config.model
+  context = model.get("n_positions") or model.get("max_position_embeddings")
+  if context and config.seq_len > context:
+    raise ValueError(f"config.distill.teacher={path!r} reads at most {context} positions; the "
+                     f"student's rows have config.seq_len={config.seq_len}: lower seq_len")
   t_vocab, s_vocab = run.config.model.vocab_size, config.model.vocab_size
   if student.name in _LM_TASKS and t_vocab != s_vocab:
     raise ValueError(f"config.distill.teacher={path!r} has vocab_size {t_vocab}, the student "
@@ -178,20 +183,30 @@ def cache_logits(teacher: Teacher, student, workdir: str, resuming: bool, mesh,
   """config.distill.cache: the teacher's logits of every training example, computed once
   before the first step and saved in the workdir (read back on resume), become a column of
   the student's training rows; the step then runs no teacher."""
-  if not hasattr(student, "add_train_columns"):
-    raise ValueError(f"config.distill.cache=True: the {student.name} task streams its "
-                     "training rows, so there is nothing to cache; set cache=False")
+  if student.name in _LM_TASKS or not hasattr(student, "add_train_columns"):
+    raise ValueError(f"config.distill.cache=True: a {student.name} student's cache would hold "
+                     "[tokens x vocabulary] logits per example (or its rows stream); set "
+                     "config.distill.cache=False (the teacher runs in the step)")
+  if student.packing or student.augmenter:
+    raise ValueError("config.distill.cache=True needs one unaugmented example per row: set "
+                     "config.data.packing=False and config.augment.method='none', or "
+                     "config.distill.cache=False")
   path = os.path.join(workdir, CACHE_FILE)
   n = len(student.features("train")["inputs"])
   if resuming and os.path.exists(path):
     logits = np.load(path)
-  else:
-    fn = jax.jit(teacher.logits_fn(mesh, axis_rules))
+  else:  # replicated: every process gets every row's logits
+    fn = jax.jit(teacher.logits_fn(mesh, axis_rules), out_shardings=sharding.replicated(mesh))
     rows = student.device_arrays(student.features("train"))
     logits = np.concatenate([np.asarray(fn({"teacher": teacher.variables}, {}, None, batch))
                              for batch in student.batches(rows)])[:n]
     if jax.process_index() == 0:
-      np.save(path, logits)
+      with open(path + ".tmp", "wb") as f:  # a file object: np.save would add .npy
+        np.save(f, logits)
+      os.replace(path + ".tmp", path)
+  if len(logits) != n:
+    raise ValueError(f"{path} holds teacher logits of {len(logits)} training examples, the data "
+                     f"has {n}: the data changed since; delete the file to compute it again")
   student.add_train_columns({TEACHER_LOGITS: logits})
   teacher.cached, teacher.variables, teacher.shardings = True, None, None
 

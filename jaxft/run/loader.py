@@ -169,6 +169,7 @@ def _open_hf(path: str, seq_len: int | None) -> Run:
 def resolve(config):
   """Fills config.model (and config.data.tokenizer) from config.init_from."""
   path = config.get("init_from", "")
+  layers = init_layers(config)  # checked first: it needs init_from
   if not path:
     return config
   if not os.path.isdir(path):
@@ -187,9 +188,14 @@ def resolve(config):
     log.info("init_from %s sets config.model fields: %s", path, changed)
   with config.unlocked():
     config.model.update(overrides)
-    layers = init_layers(config)
     if layers:  # a shallower model started from some of init_from's layers
-      config.model[_layers_field(config.model)] = len(layers)
+      field = _layers_field(config.model)
+      if max(layers) >= config.model[field]:
+        raise ValueError(f"config.init_layers={config.init_layers!r}: {path} has "
+                         f"{config.model[field]} layers (0..{config.model[field] - 1})")
+      config.model[field] = len(layers)
+      if config.model.get("layer_types"):  # per-layer attention kinds (sliding, full)
+        config.model.layer_types = tuple(config.model.layer_types[i] for i in layers)
     if not config.data.get("tokenizer") and tokenizer:
       config.data.tokenizer = tokenizer
   return config

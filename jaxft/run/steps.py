@@ -70,15 +70,18 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_ac
   distillation teacher's variables, EWC's Fisher). `regularizer`, `penalty` and
   `adversarial`: see gradient_fn.
   `teacher_logits(aux, frozen, state, batch)` (jaxft/run/distill.py) adds the teacher's logits
-  of the whole batch as batch[distill.TEACHER_LOGITS] before the loss (and any split into
-  micro-batches) reads it."""
-  grad_fn = gradient_fn(loss_fn, regularizer, adversarial, penalty)
+  of each (micro-)batch as batch[distill.TEACHER_LOGITS] before the loss reads it: per
+  micro-batch, so gradient accumulation bounds the teacher's activations too."""
+  loss_grad_fn = gradient_fn(loss_fn, regularizer, adversarial, penalty)
 
-  def train_step(state: TrainState, frozen, batch):
+  def grad_fn(params, frozen, batch, rng, row_ids, state):
     if teacher_logits is not None:
       model_frozen, inputs = split_aux(frozen)
       batch = {**batch, distill.TEACHER_LOGITS: teacher_logits(inputs, model_frozen, state,
                                                                 batch)}
+    return loss_grad_fn(params, frozen, batch, rng, row_ids)
+
+  def train_step(state: TrainState, frozen, batch):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     rows = {x.shape[0] for x in jax.tree.leaves(batch)}
     if len(rows) != 1:
@@ -86,20 +89,20 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_ac
     rows = rows.pop()
     if grad_accum_steps == 1:
       (loss_sum, aux), grads = grad_fn(state.params, frozen, batch, step_key,
-                                       jnp.arange(rows, dtype=jnp.int32))
+                                       jnp.arange(rows, dtype=jnp.int32), state)
     else:
       # Every micro-batch gets the step key: dropout draws per example (its row in the whole
       # batch), so each example's masks, and the sum of the micro-batches, match the full step.
       def accumulate(carry, xs):
         i, micro = xs
         row_ids = jnp.arange(rows // grad_accum_steps, dtype=jnp.int32) * grad_accum_steps + i
-        out = grad_fn(state.params, frozen, micro, step_key, row_ids)
+        out = grad_fn(state.params, frozen, micro, step_key, row_ids, state)
         return jax.tree.map(jnp.add, carry, out), None
 
       micro = _split_micro(batch, grad_accum_steps)
       first = jax.tree.map(lambda x: x[0], micro)
       abstract = jax.eval_shape(grad_fn, state.params, frozen, first, step_key,
-                                jnp.zeros((rows // grad_accum_steps,), jnp.int32))
+                                jnp.zeros((rows // grad_accum_steps,), jnp.int32), state)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
       ((loss_sum, aux), grads), _ = jax.lax.scan(
           accumulate, zeros, (jnp.arange(grad_accum_steps), micro))

@@ -3,6 +3,7 @@ TPU topology this host cannot run on) and report its per-device memory, without 
 parameter or running a step."""
 
 import json
+import logging
 import math
 
 import jax
@@ -10,15 +11,22 @@ import ml_collections
 
 from jaxft import tasks
 from jaxft.parallel import aot, distributed, sharding
-from jaxft.run import loader, optim, steps
+from jaxft.run import distill, loader, optim, steps
 from jaxft.run import state as state_lib
 from jaxft.training.setup import check_vocab, make_mesh, num_steps
+
+log = logging.getLogger("jaxft")
 
 
 def compile_only(config: ml_collections.ConfigDict, topology: str = "") -> dict:
   """Compiles on this host's devices or on a TPU `topology` ("v5e-16", "v4-32", "v5e:4x4";
   needs libtpu); prints and returns the per-device memory analysis."""
   config = loader.resolve(config)
+  if distill.settings(config) or config.get("continual", {}).get("ewc_file"):
+    # The teacher (or EMA) and EWC's arrays are opened from files a compile-only host may lack.
+    log.warning("--compile_only compiles the student's own step: the distillation teacher, its "
+                "logits and EWC's Fisher are not in the memory figures (config.distill, "
+                "config.continual.ewc_file)")
   devices = None
   if topology:  # one slice per config.mesh.dcn_* product: multi-slice compiles too
     slices = math.prod(sharding.dcn_shape(config.mesh))
