@@ -20,6 +20,7 @@ from configs import common, finetune
 from configs import gpt2 as gpt2_configs
 from jaxft import hf, tasks, train
 from jaxft.run import distill, loader, optim
+from jaxft.run import state as state_lib
 from jaxft.run import workdir as workdir_lib
 from tests.helpers import TINY_BERT, TOKENIZER_FILES, set_fields, topic_rows, write_csv
 
@@ -152,8 +153,9 @@ def test_training_loss_is_the_kd_formula_on_teacher_and_student_logits(dirs, tmp
 def test_self_distillation_from_the_ema(dirs, tmp_path):
   """Teacher = the EMA of the student: at the first step it is the student itself (KD 0, no
   dropout), then it lags behind; the EMA is in the checkpointed optimizer state."""
-  config = _student_config(dirs, tmp_path, num_steps=2, **{"distill.ema_decay": 0.5,
-                                                            "optim.lr": 1e-2})
+  # eval_every 1: a best checkpoint, restored at the end through the abstract state (EMA incl.)
+  config = _student_config(dirs, tmp_path, num_steps=2, eval_every=1, **{
+      "distill.ema_decay": 0.5, "optim.lr": 1e-2})
   config.model.update(NO_DROPOUT)
   train.train_and_evaluate(config, str(tmp_path / "run"))
   kd = [r["train/kd"] for r in workdir_lib.read_metrics(str(tmp_path / "run"))
@@ -174,6 +176,17 @@ def test_params_ema_follows_its_recurrence():
     expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * np.asarray(p), expected, params)
   for k in params:
     np.testing.assert_allclose(optim.ema_params(state)[k], expected[k], rtol=1e-6)
+  # The restore target of a resume or a best checkpoint holds the EMA, sharded like the params.
+  task = tasks.make_task(gpt2_configs.get_config("tiny"))
+  lay = loader.one_device_layout(task)
+  tx, _ = optim.make_optimizer(task.config.optim, 10, task.peft, ema_decay=0.9)
+  abstract = state_lib.abstract_state(lay, tx, state_lib.state_shardings(lay, tx, lay_mesh(lay)))
+  assert jax.tree.map(lambda x: x.shape, optim.ema_params(abstract.opt_state)) == jax.tree.map(
+      lambda x: x.shape, abstract.params)
+
+
+def lay_mesh(lay):
+  return next(iter(jax.tree.leaves(lay.shardings))).mesh
 
 
 def test_init_layers_takes_the_named_layers(dirs):

@@ -115,11 +115,11 @@ def abstract_state(lay: Layout, tx, shardings: TrainState) -> TrainState:
   """ShapeDtypeStructs with shardings: the restore target for Orbax on any mesh."""
   trainable, _ = lay.split(lay.abstract)
 
-  def init():
-    return TrainState(step=jnp.array(0, jnp.int32), params=trainable, opt_state=tx.init(trainable),
+  def init(params):  # traced: tx.init may compute from the params (a params EMA copies them)
+    return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(0)))
 
-  shapes = jax.eval_shape(init)
+  shapes = jax.eval_shape(init, trainable)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
 
