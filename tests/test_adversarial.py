@@ -136,6 +136,26 @@ def test_fgm_perturbation_and_pgd_bound(hf_classifier):
   assert float(loss_of(run.variables, [delta], batch)[0]) > clean
 
 
+def test_a_penalty_counts_once_under_adversarial_training(hf_classifier):
+  """A regulariser (AdaLoRA's, EWC's) adds its value and gradient once per step, not once per
+  adversarial pass: FGM + penalty = FGM + the penalty's own gradient x the step's weight."""
+  _, run, batch = hf_classifier
+  adv = adversarial.settings(ml_collections.ConfigDict(
+      {"adversarial": common.adversarial(method="fgm", epsilon=0.7)}))
+  reg = lambda v: 0.3 * jnp.sum(jnp.square(v["params"]["classifier"]["kernel"]))  # noqa: E731
+  args = ({}, batch, jax.random.key(0), jnp.arange(len(TEXTS), dtype=jnp.int32))
+  (loss, aux), grads = jax.jit(steps.gradient_fn(run.task.loss, adversarial=adv))(
+      run.variables, *args)
+  (loss_r, _), grads_r = jax.jit(steps.gradient_fn(run.task.loss, regularizer=reg,
+                                                   adversarial=adv))(run.variables, *args)
+  weight = float(aux["weight"])
+  assert float(loss_r) == pytest.approx(float(loss) + float(reg(run.variables)) * weight,
+                                        rel=1e-5)
+  expected = jax.tree.map(lambda g, r: g + r * weight, grads, jax.grad(reg)(run.variables))
+  for got, want in zip(jax.tree.leaves(grads_r), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_every_family_has_one_token_embedding(family):
   from configs import gpt2, llama

@@ -38,27 +38,47 @@ def gradient_fn(loss_fn, regularizer=None, adversarial=None, penalty=None):
   """grad_fn(params, frozen, batch, rng, row_ids) -> ((loss_sum, aux), grads of params): the
   loss of the variables combine(frozen, params), dropout drawn per example by row_ids.
   `regularizer(variables)` (AdaLoRA's orthogonality penalty) and `penalty(variables, inputs)`
-  (EWC's, reading frozen's AUX inputs) add to the mean loss.
+  (EWC's, reading frozen's AUX inputs) add to the mean loss, once per step.
   `adversarial` (config.adversarial, checked): FGM / PGD / FreeLB on the token embeddings
   (jaxft/run/adversarial.py)."""
   perturbed_loss = adversarial_lib.with_deltas(loss_fn)
 
-  def loss_of_trainable(params, deltas, frozen, batch, rng, row_ids):
+  def penalties(params, frozen):
     frozen, inputs = split_aux(frozen)
     variables = trees.combine(frozen, params)
-    with dropout.per_example(row_ids):
-      loss_sum, aux = perturbed_loss(variables, deltas, batch, rng, False)
-    # x weight: the step divides the sum by the total weight
+    total = 0.0
     if regularizer is not None:
-      loss_sum = loss_sum + regularizer(variables) * aux["weight"]
+      total = total + regularizer(variables)
     if penalty is not None:
-      loss_sum = loss_sum + penalty(variables, inputs) * aux["weight"]
-    return loss_sum, aux
+      total = total + penalty(variables, inputs)
+    return total
+
+  def data_loss(params, deltas, frozen, batch, rng, row_ids):
+    variables = trees.combine(split_aux(frozen)[0], params)
+    with dropout.per_example(row_ids):
+      return perturbed_loss(variables, deltas, batch, rng, False)
+
+  def loss_of_trainable(params, frozen, batch, rng, row_ids):
+    loss_sum, aux = data_loss(params, None, frozen, batch, rng, row_ids)
+    # x weight: the step divides the sum by the total weight
+    return loss_sum + penalties(params, frozen) * aux["weight"], aux
 
   if adversarial is None:
-    return jax.value_and_grad(lambda params, *args: loss_of_trainable(params, None, *args),
-                              has_aux=True)
-  return adversarial_lib.make_grad_fn(loss_of_trainable, adversarial)
+    return jax.value_and_grad(loss_of_trainable, has_aux=True)
+  # The adversarial passes see the data loss only: a penalty counts once, not once per pass.
+  adversarial_grad = adversarial_lib.make_grad_fn(data_loss, adversarial)
+  if regularizer is None and penalty is None:
+    return adversarial_grad
+  penalty_grad = jax.value_and_grad(penalties)
+
+  def grad_fn(params, frozen, batch, rng, row_ids):
+    (loss_sum, aux), grads = adversarial_grad(params, frozen, batch, rng, row_ids)
+    value, g_penalty = penalty_grad(params, frozen)
+    weight = aux["weight"]
+    return ((loss_sum + value * weight, aux),
+            jax.tree.map(lambda g, p: g + p * weight, grads, g_penalty))
+
+  return grad_fn
 
 
 def make_train_step(loss_fn, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
